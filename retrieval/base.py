@@ -8,7 +8,7 @@ and hand ready tensors to the model.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -28,10 +28,13 @@ class Encoder(abc.ABC):
     device: torch.device
     #: backend mode ("internvl-c", "internvl-g" or "openclip")
     mode: str
+    #: picklable callable PIL image -> float32 tensor (3, S, S); holds no model, so data-loader
+    #: workers can run it (EXIF orientation and RGB conversion included)
+    image_transform: Callable[[Image.Image], torch.Tensor]
 
-    @abc.abstractmethod
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """One PIL image (any mode, EXIF-oriented here) -> float32 tensor ``(3, S, S)`` on CPU."""
+        return self.image_transform(image)
 
     @abc.abstractmethod
     def encode_pixels(self, pixel_values: torch.Tensor) -> np.ndarray:
