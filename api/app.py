@@ -1,0 +1,147 @@
+"""``create_app(settings)``: the FastAPI application, with models loaded once in the lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from starlette.concurrency import run_in_threadpool
+
+from api.errors import install_error_handlers
+from api.index_holder import IndexHolder
+from api.metrics import Metrics, MetricsMiddleware
+from api.middleware import BodyLimitMiddleware
+from api.routes import admin, chat, classify, health, images, search
+from api.service import Service
+from api.settings import Settings
+from retrieval.base import Encoder
+
+logger = logging.getLogger(__name__)
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r} (e.g. float32, float16, bfloat16)")
+    return dtype
+
+
+def _open_index(path: Path) -> Any:
+    from index import Index
+
+    return Index.open(path)
+
+
+def _check_index(index: Any, encoder: Encoder | None) -> None:
+    """Refuse an index built with a different embedding width; warn on a different model name."""
+    manifest = getattr(index, "manifest", None) or {}
+    if encoder is None:
+        return
+    dim = manifest.get("embed_dim", manifest.get("dim"))
+    if dim is not None and int(dim) != encoder.embed_dim:
+        raise ValueError(
+            f"index has dim {dim} but the encoder {encoder.name} makes {encoder.embed_dim}-d vectors"
+        )
+    model = manifest.get("model")
+    if model is not None and model != encoder.name:
+        logger.warning("index was built with model %r, serving with %r", model, encoder.name)
+
+
+async def _load(
+    app: FastAPI, service: Service, encoder: Encoder | None, chat_model: Any, opener: Callable
+) -> None:
+    s = service.settings
+    if encoder is None and s.model:
+        from retrieval import load_encoder
+
+        encoder = await run_in_threadpool(
+            lambda: load_encoder(s.model, device=s.device, dtype=_dtype(s.dtype))
+        )
+    service.encoder = encoder
+    if chat_model is None and s.chat_model:
+        from chat import load_chat_model
+
+        chat_model = await run_in_threadpool(
+            lambda: load_chat_model(s.chat_model, device=s.device, dtype=_dtype(s.dtype))
+        )
+    service.chat_model = chat_model
+    if s.index:
+        holder = IndexHolder(s.index, opener)
+        holder.on_swap = lambda index: (
+            _check_index(index, encoder),
+            service.metrics.index_size.set(len(index)),
+        )
+        await holder.load()
+        service.index = holder
+        if s.reload_interval_s > 0:
+            on_error = lambda exc: service.metrics.index_reloads.labels(result="error").inc()  # noqa: E731
+            service.background.append(asyncio.create_task(holder.watch(s.reload_interval_s, on_error)))
+    if encoder is not None:
+        service.setup_batchers()
+        for batcher in (service.text_batcher, service.image_batcher):
+            await batcher.start()
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    encoder: Encoder | None = None,
+    chat_model: Any = None,
+    index_opener: Callable[[Path], Any] | None = None,
+) -> FastAPI:
+    """Build the app. Models and index load in the lifespan; pass ``encoder`` / ``chat_model`` to inject."""
+    settings = settings or Settings()
+    metrics = Metrics()
+    service = Service(settings=settings, metrics=metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await _load(app, service, encoder, chat_model, index_opener or _open_index)
+        service.ready = True
+        logger.info(
+            "ready: encoder=%s chat=%s index=%s", service.encoder, settings.chat_model, settings.index
+        )
+        try:
+            yield
+        finally:
+            service.ready = False
+            for task in service.background:
+                task.cancel()
+            for batcher in (service.text_batcher, service.image_batcher):
+                if batcher is not None:
+                    await batcher.stop()
+            for executor in (service.encoder_executor, service.chat_executor):
+                if executor is not None:
+                    executor.shutdown(wait=False, cancel_futures=True)
+            if service.index is not None:
+                service.index.close()
+
+    app = FastAPI(
+        title="InternVL retrieval service",
+        summary="Image/text search, zero-shot classification and grounded chat on InternVL",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    install_error_handlers(app)
+    for module in (search, classify, chat, images, admin, health):
+        app.include_router(module.router)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type"],
+        )
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app

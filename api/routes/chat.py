@@ -1,0 +1,185 @@
+"""``POST /chat``: grounded answers from InternVL-Chat, as JSON or as server-sent events."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from fastapi import APIRouter, HTTPException
+from fastapi.responses import StreamingResponse
+from PIL import Image
+
+from api.deps import AuthDep, ServiceDep
+from api.routes import error_responses
+from api.schemas import ChatRequest, ChatResponse, Source
+from api.service import Service, decode_base64_image
+
+logger = logging.getLogger(__name__)
+router = APIRouter(tags=["chat"])
+
+_END = object()
+_SSE_DOC = (
+    'With `stream: true`: `text/event-stream` of `data: {"text": piece}` events, then one '
+    '`event: sources` carrying `{"sources": [...]}` (or `event: error` with `{"detail": ...}`).'
+)
+
+
+def sse(data: dict, event: str | None = None) -> bytes:
+    """One server-sent event with a JSON payload."""
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+def _common_kwargs(req: ChatRequest) -> dict[str, Any]:
+    return {
+        "history": [tuple(turn) for turn in req.history] if req.history else None,
+        "max_new_tokens": req.max_new_tokens,
+        "max_num_tiles": req.max_num_tiles,
+    }
+
+
+def _direct_kwargs(req: ChatRequest) -> dict[str, Any]:
+    """``ChatModel.chat/stream`` options: temperature 0 means greedy decoding."""
+    sampling = (
+        {"do_sample": True, "temperature": req.temperature} if req.temperature > 0 else {"do_sample": False}
+    )
+    return {**_common_kwargs(req), **sampling}
+
+
+def _question(req: ChatRequest, n_images: int) -> str:
+    """With history, ChatModel adds no ``<image>`` placeholder itself: put one per image in the question."""
+    turns = [req.question, *(text for turn in req.history or () for text in turn)]
+    if req.history and n_images and not any("<image>" in text for text in turns):
+        return "".join(f"Image-{i + 1}: <image>\n" for i in range(n_images)) + req.question
+    return req.question
+
+
+def _sources(raw: list[dict]) -> list[dict]:
+    return [Source(id=int(s["id"]), path=str(s["path"]), score=float(s["score"])).model_dump() for s in raw]
+
+
+async def _images(service: Service, req: ChatRequest) -> list[Image.Image] | None:
+    if req.images is None:
+        return None
+    return [
+        await service.decode_image(decode_base64_image(b64, f"images[{i}]"))
+        for i, b64 in enumerate(req.images)
+    ]
+
+
+def _started(pieces: Iterator[str]) -> Iterator[str]:
+    """Pull the first piece now, so bad input fails before the response status is sent."""
+    pieces = iter(pieces)
+    first = next(pieces, _END)
+
+    def rest() -> Iterator[str]:
+        try:
+            if first is not _END:
+                yield first
+                yield from pieces
+        finally:  # closing this generator stops the model's generation too
+            close = getattr(pieces, "close", None)
+            if close is not None:
+                close()
+
+    return rest()
+
+
+def _prepare(
+    service: Service, req: ChatRequest, images: list[Image.Image] | None
+) -> tuple[list[dict], Iterator[str]]:
+    """Runs on the chat thread: retrieval (when no images) and the start of generation."""
+    sources, pieces = _start_stream(service, req, images)
+    return sources, _started(pieces)
+
+
+def _start_stream(
+    service: Service, req: ChatRequest, images: list[Image.Image] | None
+) -> tuple[list[dict], Iterator[str]]:
+    if images is not None:
+        pieces = service.chat_model.stream(_question(req, len(images)), images=images, **_direct_kwargs(req))
+        return [], pieces
+    from chat.grounded import stream_answer
+
+    holder = service.require_index()
+    return stream_answer(
+        req.question,
+        index=holder.current,
+        encoder=service.encoder,
+        chat_model=service.chat_model,
+        k=req.k,
+        temperature=req.temperature,
+        **_common_kwargs(req),
+    )
+
+
+def _answer(service: Service, req: ChatRequest, images: list[Image.Image] | None) -> dict:
+    """Runs on the chat thread: the whole non-streamed answer."""
+    if images is not None:
+        text = service.chat_model.chat(_question(req, len(images)), images=images, **_direct_kwargs(req))
+        return {"answer": text, "sources": []}
+    from chat.grounded import answer
+
+    holder = service.require_index()
+    return answer(
+        req.question,
+        index=holder.current,
+        encoder=service.encoder,
+        chat_model=service.chat_model,
+        k=req.k,
+        temperature=req.temperature,
+        **_common_kwargs(req),
+    )
+
+
+async def _event_stream(service: Service, sources: list[dict], pieces: Iterator[str]) -> AsyncIterator[bytes]:
+    try:
+        while True:
+            piece = await service.run_chat(next, pieces, _END)
+            if piece is _END:
+                break
+            yield sse({"text": piece})
+        yield sse({"sources": _sources(sources)}, event="sources")
+    except Exception:  # the status line is already sent: report in-band
+        logger.exception("chat stream failed")
+        yield sse({"detail": "generation failed"}, event="error")
+    finally:
+        close = getattr(pieces, "close", None)
+        if close is not None:  # stops generation early when the client went away
+            await service.run_chat(close)
+
+
+@router.post(
+    "/chat",
+    response_model=ChatResponse,
+    dependencies=[AuthDep],
+    description=_SSE_DOC,
+    responses={
+        200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
+        **error_responses(401, 413, 422, 503),
+    },
+)
+async def chat(req: ChatRequest, service: ServiceDep) -> Any:
+    """Answer ``question`` from ``images`` or from the top ``k`` indexed images (``sources``)."""
+    if service.chat_model is None:
+        raise HTTPException(
+            503, "chat is not configured: start the server with --chat-model PATH (IVL_CHAT_MODEL)"
+        )
+    images = await _images(service, req)
+    if images is None:
+        service.require_encoder()
+        service.require_index()
+    try:
+        if req.stream:
+            sources, pieces = await service.run_chat(_prepare, service, req, images)
+            return StreamingResponse(
+                _event_stream(service, sources, pieces),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        out = await service.run_chat(_answer, service, req, images)
+    except ValueError as exc:  # the chat model rejects the input combination (tiles, placeholders, ...)
+        raise HTTPException(422, f"cannot answer this request: {exc}") from exc
+    return ChatResponse(answer=out["answer"], sources=[Source(**s) for s in _sources(out["sources"])])

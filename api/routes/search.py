@@ -1,0 +1,125 @@
+"""``POST /search``: text, image (base64 JSON or multipart upload) or indexed image id -> top k."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from api.deps import AuthDep, ServiceDep
+from api.routes import error_responses
+from api.schemas import MAX_ID, SearchRequest, SearchResponse, SearchResult
+from api.service import Service, decode_base64_image
+
+logger = logging.getLogger(__name__)
+router = APIRouter(tags=["search"])
+
+_UPLOAD_MARK = "<multipart upload>"
+_JSON_SCHEMA = SearchRequest.model_json_schema()
+_MULTIPART_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "image": {"type": "string", "format": "binary", "description": "image file"},
+        "text": {"type": "string", "minLength": 1, "maxLength": 10_000},
+        "image_id": {"type": "integer", "minimum": 0, "maximum": MAX_ID},
+        "k": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 10},
+    },
+    "additionalProperties": False,
+}
+_OPENAPI_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": _JSON_SCHEMA},
+            "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
+        },
+    }
+}
+
+
+def _validate(data: dict[str, Any] | bytes) -> SearchRequest:
+    try:
+        if isinstance(data, bytes):
+            return SearchRequest.model_validate_json(data)
+        return SearchRequest.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False, include_input=False)) from exc
+
+
+async def _parse(request: Request) -> tuple[SearchRequest, bytes | None]:
+    """The request and the raw image bytes (None for text / image_id queries)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        form = await request.form(max_files=1, max_fields=8)
+        fields: dict[str, Any] = {}
+        raw: bytes | None = None
+        for key, value in form.multi_items():
+            if key in fields:
+                raise HTTPException(422, f"form field '{key}' given more than once")
+            if isinstance(value, UploadFile):
+                if key != "image":
+                    raise HTTPException(422, f"unexpected file field '{key}' (only 'image' is a file)")
+                raw = await value.read()
+                fields[key] = _UPLOAD_MARK
+            else:
+                fields[key] = value
+        req = _validate(fields)
+        if req.image is not None and raw is None:
+            raw = decode_base64_image(req.image)  # a base64 text field instead of a file
+        return req, raw
+    if content_type and content_type != "application/json" and not content_type.endswith("+json"):
+        raise HTTPException(
+            415, f"unsupported content type '{content_type}': send JSON or multipart/form-data"
+        )
+    req = _validate(await request.body())
+    return req, decode_base64_image(req.image) if req.image is not None else None
+
+
+async def query_vector(service: Service, req: SearchRequest, raw: bytes | None, index: Any) -> np.ndarray:
+    """The ``(D,)`` query embedding for whichever query field was given."""
+    if req.text is not None:
+        return await service.embed_text(req.text)
+    if raw is not None:
+        return await service.embed_image_bytes(raw)
+    assert req.image_id is not None
+    await service.indexed_row(index, req.image_id)
+    return (await service.require_index().run(index.get_vectors, [req.image_id]))[0]
+
+
+async def search_index(service: Service, index: Any, vector: np.ndarray, k: int) -> list[SearchResult]:
+    """Top-``k`` rows of ``index`` for one query vector, best first."""
+    holder = service.require_index()
+    k = min(k, len(index))
+    if k == 0:
+        return []
+    query = np.asarray(vector, dtype=np.float32).reshape(1, -1)
+    _, _, rows = await holder.run(index.search, query, k)
+    return [
+        SearchResult(id=int(r["id"]), path=str(r["path"]), score=float(r["score"]))
+        for r in rows[0]
+        if r is not None and int(r["id"]) >= 0 and math.isfinite(float(r["score"]))
+    ]
+
+
+@router.post(
+    "/search",
+    response_model=SearchResponse,
+    dependencies=[AuthDep],
+    openapi_extra=_OPENAPI_BODY,
+    responses=error_responses(400, 401, 404, 413, 415, 422, 503),
+)
+async def search(request: Request, service: ServiceDep) -> SearchResponse:
+    """Exactly one of ``text``, ``image`` (base64, or a multipart file) or ``image_id``; top ``k`` results."""
+    start = time.perf_counter()
+    req, raw = await _parse(request)
+    index = service.require_index().current  # this request keeps this index object even across a reload
+    vector = await query_vector(service, req, raw, index)
+    results = await search_index(service, index, vector, req.k)
+    return SearchResponse(results=results, took_ms=round((time.perf_counter() - start) * 1000.0, 3))

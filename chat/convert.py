@@ -1,0 +1,325 @@
+"""Original InternVL-Chat checkpoints -> transformers' native ``InternVLForConditionalGeneration``.
+
+Original folders (``model_type: "internvl_chat"``, the ``trust_remote_code`` layout of InternVL-Chat-V1-2,
+V1-5, Mini-InternVL and InternVL2/2.5) hold an InternViT (``vision_model.*``), the ``mlp1`` projector and
+an LLM (``language_model.*``: LLaMA, Qwen2, Phi-3 or InternLM2). Config and weight names are mapped
+here, once at load time, so the native classes run them without any remote code:
+
+* InternViT: fused ``attn.qkv`` split into ``q/k/v_proj``, ``ls1/ls2`` -> ``lambda_1/lambda_2``,
+  ``norm1/norm2`` -> ``layernorm_before/after``, ``attn.proj`` -> ``projection_layer``;
+* ``mlp1.{0,1,3}`` -> ``multi_modal_projector.{layer_norm,linear_1,linear_2}``;
+* InternLM2: fused ``wqkv`` (grouped per key/value head) -> LLaMA ``q/k/v_proj`` and the other renames;
+* LLaMA / Qwen2 / Phi-3: re-prefixed only (``language_model.model.`` -> ``model.language_model.``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AutoConfig, InternVLConfig, InternVLVisionConfig, LlamaConfig, PretrainedConfig
+
+logger = logging.getLogger(__name__)
+
+#: LLM architectures (``llm_config.architectures[0]``) this converter knows
+SUPPORTED_LLMS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Phi3ForCausalLM", "InternLM2ForCausalLM")
+
+#: config keys that describe the original class or legacy generation defaults, not the architecture
+_DROP_KEYS = frozenset(
+    {
+        "architectures",
+        "auto_map",
+        "model_type",
+        "_name_or_path",
+        "_commit_hash",
+        "torch_dtype",
+        "dtype",
+        "transformers_version",
+        "attn_implementation",
+        "use_flash_attn",
+        "max_length",
+        "min_length",
+        "do_sample",
+        "early_stopping",
+        "num_beams",
+        "num_beam_groups",
+        "diversity_penalty",
+        "temperature",
+        "top_k",
+        "top_p",
+        "typical_p",
+        "repetition_penalty",
+        "length_penalty",
+        "no_repeat_ngram_size",
+        "encoder_no_repeat_ngram_size",
+        "bad_words_ids",
+        "num_return_sequences",
+        "output_scores",
+        "return_dict_in_generate",
+        "forced_bos_token_id",
+        "forced_eos_token_id",
+        "remove_invalid_values",
+        "exponential_decay_length_penalty",
+        "suppress_tokens",
+        "begin_suppress_tokens",
+        "chunk_size_feed_forward",
+    }
+)
+
+
+class CheckpointError(ValueError):
+    """The checkpoint folder cannot be converted (unknown family, missing or unexpected weights...)."""
+
+
+@dataclass(frozen=True)
+class ChatSettings:
+    """What the chat layer needs besides the model: template, tiling and image-token facts."""
+
+    template: str
+    image_size: int  # tile side in pixels (force_image_size)
+    num_image_token: int  # LLM tokens per tile after pixel shuffle
+    dynamic_image_size: bool = True
+    use_thumbnail: bool = True
+    min_dynamic_patch: int = 1
+    max_dynamic_patch: int = 12
+    ps_version: str = "v2"
+    llm_arch: str = "LlamaForCausalLM"
+
+
+def is_original_format(config: Mapping[str, Any]) -> bool:
+    """True for the original ``InternVLChatModel`` layout (``model_type: internvl_chat``)."""
+    return config.get("model_type") == "internvl_chat" or "llm_config" in config
+
+
+def _clean(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in cfg.items() if k not in _DROP_KEYS}
+
+
+def llm_arch(config: Mapping[str, Any]) -> str:
+    """The original LLM architecture name, validated."""
+    llm = config.get("llm_config") or {}
+    archs = llm.get("architectures") or []
+    arch = (
+        archs[0]
+        if archs
+        else {
+            "llama": "LlamaForCausalLM",
+            "qwen2": "Qwen2ForCausalLM",
+            "phi3": "Phi3ForCausalLM",
+            "internlm2": "InternLM2ForCausalLM",
+        }.get(llm.get("model_type", ""), "")
+    )
+    if arch not in SUPPORTED_LLMS:
+        raise CheckpointError(
+            f"unsupported LLM architecture {arch!r}; supported: {', '.join(SUPPORTED_LLMS)}"
+        )
+    return arch
+
+
+def text_config(config: Mapping[str, Any]) -> PretrainedConfig:
+    """``llm_config`` -> a native transformers text config (InternLM2 becomes a LLaMA config)."""
+    arch = llm_arch(config)
+    llm = _clean(config["llm_config"])
+    llm["tie_word_embeddings"] = False  # every InternVL-Chat checkpoint stores its own lm head
+    if arch == "InternLM2ForCausalLM":
+        llm["attention_bias"] = bool(llm.pop("bias", False))
+        llm["mlp_bias"] = False
+        return LlamaConfig(**llm)
+    model_type = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Phi3ForCausalLM": "phi3"}[arch]
+    if model_type == "phi3":
+        scaling = llm.get("rope_scaling")
+        if isinstance(scaling, dict) and scaling.get("type") in (
+            "su",
+            "yarn",
+        ):  # Phi-3 128k: "su" == longrope
+            llm["rope_scaling"] = {**scaling, "type": "longrope"}
+    return AutoConfig.for_model(model_type, **llm)
+
+
+def vision_config(config: Mapping[str, Any]) -> InternVLVisionConfig:
+    """InternViT ``vision_config`` -> ``InternVLVisionConfig`` (300M and 6B variants)."""
+    vc = config["vision_config"]
+    image_size = config.get("force_image_size") or vc["image_size"]
+    return InternVLVisionConfig(
+        hidden_size=vc["hidden_size"],
+        num_hidden_layers=vc["num_hidden_layers"],
+        num_attention_heads=vc["num_attention_heads"],
+        intermediate_size=vc["intermediate_size"],
+        hidden_act=vc.get("hidden_act", "gelu"),
+        layer_norm_eps=vc.get("layer_norm_eps", 1e-6),
+        norm_type=vc.get("norm_type", "layer_norm"),  # 6B: rms_norm
+        attention_bias=bool(vc.get("qkv_bias", True)),  # 6B: no qkv bias
+        use_qk_norm=bool(vc.get("qk_normalization", False)),  # 6B: RMSNorm on q and k
+        image_size=image_size,
+        patch_size=vc.get("patch_size", 14),
+        num_channels=vc.get("num_channels", 3),
+        use_mean_pooling=True,  # no final vision norm in InternViT
+        use_mask_token=False,
+        use_absolute_position_embeddings=True,
+    )
+
+
+def chat_settings(config: Mapping[str, Any]) -> ChatSettings:
+    """Template, tiling and image-token facts of an original-format config."""
+    vc = config["vision_config"]
+    image_size = int(config.get("force_image_size") or vc["image_size"])
+    patch = int(vc.get("patch_size", 14))
+    ratio = float(config.get("downsample_ratio", 0.5))
+    ps_version = config.get("ps_version", "v1")  # the reference's default
+    if ps_version not in ("v1", "v2"):
+        raise CheckpointError(f"unknown ps_version {ps_version!r} (expected 'v1' or 'v2')")
+    return ChatSettings(
+        template=config.get("template") or "Hermes-2",
+        image_size=image_size,
+        num_image_token=int((image_size // patch) ** 2 * ratio**2),
+        dynamic_image_size=bool(config.get("dynamic_image_size", True)),
+        use_thumbnail=bool(config.get("use_thumbnail", True)),
+        min_dynamic_patch=int(config.get("min_dynamic_patch", 1)),
+        max_dynamic_patch=int(config.get("max_dynamic_patch", 12)),
+        ps_version=ps_version,
+        llm_arch=llm_arch(config),
+    )
+
+
+def native_config(config: Mapping[str, Any], *, image_token_id: int) -> InternVLConfig:
+    """Original ``InternVLChatConfig`` dict -> native ``InternVLConfig``."""
+    settings = chat_settings(config)
+    select_layer = int(config.get("select_layer", -1))
+    out = InternVLConfig(
+        vision_config=vision_config(config),
+        text_config=text_config(config),
+        image_token_id=image_token_id,
+        image_seq_length=settings.num_image_token,
+        downsample_ratio=float(config.get("downsample_ratio", 0.5)),
+        projector_hidden_act="gelu",
+        vision_feature_layer=select_layer,
+        vision_feature_select_strategy="default",  # drop CLS
+        tie_word_embeddings=False,
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------- weights
+
+_VIT_RENAMES = [
+    (r"^vision_model\.embeddings\.class_embedding$", "model.vision_tower.embeddings.cls_token"),
+    (r"^vision_model\.embeddings\.position_embedding$", "model.vision_tower.embeddings.position_embeddings"),
+    (
+        r"^vision_model\.embeddings\.patch_embedding\.",
+        "model.vision_tower.embeddings.patch_embeddings.projection.",
+    ),
+    (
+        r"^vision_model\.encoder\.layers\.(\d+)\.attn\.proj\.",
+        r"model.vision_tower.encoder.layer.\1.attention.projection_layer.",
+    ),
+    (
+        r"^vision_model\.encoder\.layers\.(\d+)\.attn\.(q_norm|k_norm)\.",
+        r"model.vision_tower.encoder.layer.\1.attention.\2.",
+    ),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.mlp\.", r"model.vision_tower.encoder.layer.\1.mlp."),
+    (
+        r"^vision_model\.encoder\.layers\.(\d+)\.norm1\.",
+        r"model.vision_tower.encoder.layer.\1.layernorm_before.",
+    ),
+    (
+        r"^vision_model\.encoder\.layers\.(\d+)\.norm2\.",
+        r"model.vision_tower.encoder.layer.\1.layernorm_after.",
+    ),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.ls1$", r"model.vision_tower.encoder.layer.\1.lambda_1"),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.ls2$", r"model.vision_tower.encoder.layer.\1.lambda_2"),
+    (r"^mlp1\.0\.", "model.multi_modal_projector.layer_norm."),
+    (r"^mlp1\.1\.", "model.multi_modal_projector.linear_1."),
+    (r"^mlp1\.3\.", "model.multi_modal_projector.linear_2."),
+]
+
+_INTERNLM2_RENAMES = [
+    (r"\.attention\.wo\.", ".self_attn.o_proj."),
+    (r"\.feed_forward\.w1\.", ".mlp.gate_proj."),
+    (r"\.feed_forward\.w3\.", ".mlp.up_proj."),
+    (r"\.feed_forward\.w2\.", ".mlp.down_proj."),
+    (r"\.attention_norm\.", ".input_layernorm."),
+    (r"\.ffn_norm\.", ".post_attention_layernorm."),
+    (r"^model\.tok_embeddings\.", "model.embed_tokens."),
+    (r"^output\.", "lm_head."),
+]
+
+_QKV = re.compile(r"^vision_model\.encoder\.layers\.(\d+)\.attn\.qkv\.(weight|bias)$")
+_WQKV = re.compile(r"^model\.layers\.(\d+)\.attention\.wqkv\.(weight|bias)$")
+
+
+def split_internlm2_wqkv(
+    wqkv: torch.Tensor, *, num_heads: int, num_kv_heads: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """InternLM2 fused ``wqkv`` -> LLaMA ``(q_proj, k_proj, v_proj)`` (weight or bias).
+
+    Rows are grouped per key/value head: ``g = num_heads / num_kv_heads`` query heads, then that group's key
+    head, then its value head, ``head_dim`` rows each. Query head ``h * g + j`` pairs with kv head ``h``,
+    which is what LLaMA's ``repeat_kv`` expects, and InternLM2 already uses LLaMA's ``rotate_half`` RoPE.
+    """
+    groups = num_heads // num_kv_heads
+    rows = wqkv.shape[0]
+    head_dim = rows // (num_kv_heads * (groups + 2))
+    if head_dim * num_kv_heads * (groups + 2) != rows:
+        raise CheckpointError(f"wqkv has {rows} rows, not a multiple of kv heads {num_kv_heads} x (g+2)")
+    x = wqkv.reshape(num_kv_heads, groups + 2, head_dim, *wqkv.shape[1:])  # [n_kv, g+2, d, (hidden)]
+    q = x[:, :groups].reshape(num_heads * head_dim, *wqkv.shape[1:])
+    k = x[:, groups].reshape(num_kv_heads * head_dim, *wqkv.shape[1:])
+    v = x[:, groups + 1].reshape(num_kv_heads * head_dim, *wqkv.shape[1:])
+    return q, k, v
+
+
+def _rename(name: str, rules: list[tuple[str, str]]) -> str:
+    for pattern, repl in rules:
+        new, n = re.subn(pattern, repl, name)
+        if n:
+            return new
+    return name
+
+
+def convert_state_dict(
+    state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any], *, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """Original ``InternVLChatModel`` state dict -> native ``InternVLForConditionalGeneration`` names.
+
+    Unknown keys are kept under their original name so that the loader reports them as unexpected.
+    """
+    arch = llm_arch(config)
+    llm = config["llm_config"]
+    out: dict[str, torch.Tensor] = {}
+
+    def put(key: str, value: torch.Tensor) -> None:
+        out[key] = value.to(dtype) if dtype is not None and value.is_floating_point() else value
+
+    for name, tensor in state_dict.items():
+        if m := _QKV.match(name):
+            layer, kind = m.groups()
+            prefix = f"model.vision_tower.encoder.layer.{layer}.attention"
+            for proj, part in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0), strict=True):
+                put(f"{prefix}.{proj}.{kind}", part.contiguous())
+        elif name.startswith(("vision_model.", "mlp1.")):
+            put(_rename(name, _VIT_RENAMES), tensor)
+        elif name.startswith("language_model."):
+            inner = name[len("language_model.") :]
+            if arch == "InternLM2ForCausalLM":
+                if m := _WQKV.match(inner):
+                    layer, kind = m.groups()
+                    q, k, v = split_internlm2_wqkv(
+                        tensor, num_heads=llm["num_attention_heads"], num_kv_heads=llm["num_key_value_heads"]
+                    )
+                    for proj, part in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
+                        put(f"model.language_model.layers.{layer}.self_attn.{proj}.{kind}", part.contiguous())
+                    continue
+                inner = _rename(inner, _INTERNLM2_RENAMES)
+            if inner.startswith("model."):
+                put("model.language_model." + inner[len("model.") :], tensor)
+            elif inner.startswith("lm_head."):
+                put(inner, tensor)
+            else:
+                put(name, tensor)
+        else:
+            put(name, tensor)
+    return out

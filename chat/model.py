@@ -1,0 +1,357 @@
+"""``ChatModel``: InternVL-Chat's ``chat`` / ``batch_chat`` (and streaming) on transformers' native classes.
+
+Behaviour follows the official ``InternVLChatModel`` (OpenGVLab/InternVL): the prompt is built by the
+checkpoint's conversation template, each ``<image>`` becomes ``<img>`` + ``<IMG_CONTEXT>`` x (tiles x tokens
+per tile) + ``</img>``, generation stops only on the template separator token, and the answer is decoded
+with special tokens skipped, cut at the separator and stripped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import BatchEncoding, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from chat.convert import ChatSettings
+from chat.generation import TokenQueueStreamer, incremental_text
+from chat.templates import get_template
+
+logger = logging.getLogger(__name__)
+
+IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN = "<img>", "</img>", "<IMG_CONTEXT>"
+MAX_TILES_LIMIT = 40
+History = list[tuple[str, str]]
+
+
+class ChatModel:
+    """An InternVL-Chat model (native ``InternVLForConditionalGeneration``), its tokenizer and template."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        settings: ChatSettings,
+        *,
+        llm_config: dict[str, Any] | None = None,
+        system_message: str | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.template = get_template(settings.template)
+        self.system_message = self.template.system_message if system_message is None else system_message
+        self.num_image_token = settings.num_image_token
+        self.img_context_token_id = int(model.config.image_token_id)
+        stop_id = tokenizer.convert_tokens_to_ids(self.template.stop_token)
+        if stop_id is None or stop_id == tokenizer.unk_token_id:
+            raise ValueError(f"template stop token {self.template.stop_token!r} is not in the tokenizer")
+        self.stop_token_id = int(stop_id)
+        self.pad_token_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_token_id
+        )
+        llm_config = llm_config or {}
+        # the reference's LLM generate() falls back to these llm_config values
+        self._llm_defaults = {
+            "repetition_penalty": float(llm_config.get("repetition_penalty") or 1.0),
+            "top_k": llm_config.get("top_k", 50),
+        }
+        model.generation_config = GenerationConfig(
+            eos_token_id=self.stop_token_id, pad_token_id=self.pad_token_id, max_new_tokens=512
+        )
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        """Device of the model's first parameters (inputs go there)."""
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Compute dtype of the model."""
+        return self.model.dtype
+
+    # ------------------------------------------------------------------ prompts
+    def _question_with_placeholder(self, question: str, n_images: int, history: Sequence | None) -> str:
+        """chat(): ``<image>\\n`` prepended when images are given, no history and no placeholder."""
+        if history is None and n_images > 0 and "<image>" not in question:
+            return "<image>\n" + question
+        return question
+
+    def build_prompt(
+        self, question: str, num_patches_list: Sequence[int] | None, history: Sequence | None = None
+    ) -> str:
+        """The exact prompt ``chat()`` tokenizes (placeholder prepended and image tokens expanded)."""
+        patches = [int(n) for n in (num_patches_list or [])]
+        question = self._question_with_placeholder(question, len(patches), history)
+        return self._expand(
+            self.template.build_prompt(question, history, system_message=self.system_message), patches
+        )
+
+    def _expand(self, query: str, num_patches_list: Sequence[int]) -> str:
+        if query.count("<image>") < len(num_patches_list):
+            raise ValueError(
+                f"{len(num_patches_list)} images, {query.count('<image>')} <image> placeholders in prompt"
+            )
+        for n in num_patches_list:
+            tokens = IMG_START_TOKEN + IMG_CONTEXT_TOKEN * (self.num_image_token * n) + IMG_END_TOKEN
+            query = query.replace("<image>", tokens, 1)
+        return query
+
+    # ------------------------------------------------------------------ images
+    def tile_images(
+        self, images: Image.Image | Sequence[Any], max_num_tiles: int | None = None
+    ) -> tuple[torch.Tensor, list[int]]:
+        """PIL images (or paths/bytes) -> ``(pixel_values (sum n_i, 3, S, S), num_patches_list)``."""
+        from chat.tiling import tile_images
+
+        if isinstance(images, Image.Image):
+            images = [images]
+        max_num = self.settings.max_dynamic_patch if max_num_tiles is None else int(max_num_tiles)
+        if not 1 <= max_num <= MAX_TILES_LIMIT:
+            raise ValueError(f"max_num_tiles must be between 1 and {MAX_TILES_LIMIT}, got {max_num_tiles}")
+        if not self.settings.dynamic_image_size:
+            max_num = 1
+        return tile_images(
+            list(images),
+            image_size=self.settings.image_size,
+            max_num=max_num,
+            min_num=min(self.settings.min_dynamic_patch, max_num),
+            use_thumbnail=self.settings.use_thumbnail,
+        )
+
+    def _check_pixels(self, pixel_values: torch.Tensor | None, num_patches_list: Sequence[int]) -> None:
+        if pixel_values is None:
+            if num_patches_list and sum(num_patches_list) > 0:
+                raise ValueError("num_patches_list given without pixel_values")
+            return
+        size = self.settings.image_size
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
+            raise ValueError(
+                f"pixel_values must be (tiles, 3, {size}, {size}), got {tuple(pixel_values.shape)}"
+            )
+        if len(pixel_values) != sum(num_patches_list):
+            raise ValueError(
+                f"pixel_values has {len(pixel_values)} tiles but num_patches_list sums to "
+                f"{sum(num_patches_list)}"
+            )
+
+    @torch.inference_mode()
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Tiles ``(n, 3, S, S)`` -> LLM input embeddings ``(n, num_image_token, hidden)`` (ViT, mlp1)."""
+        out = self.model.model.get_image_features(
+            pixel_values=pixel_values.to(self.device, self.dtype), return_dict=True
+        )
+        return out.pooler_output
+
+    # ------------------------------------------------------------------ generation
+    def generation_config(
+        self,
+        *,
+        max_new_tokens: int = 512,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+    ) -> GenerationConfig:
+        """Stop only on the template separator token, as the reference chat()."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        kwargs: dict[str, Any] = {"repetition_penalty": self._llm_defaults["repetition_penalty"]}
+        if do_sample:
+            if temperature <= 0:
+                raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+            kwargs.update(
+                temperature=float(temperature), top_p=float(top_p), top_k=self._llm_defaults["top_k"]
+            )
+        return GenerationConfig(
+            max_new_tokens=int(max_new_tokens),
+            do_sample=bool(do_sample),
+            num_beams=1,
+            eos_token_id=self.stop_token_id,
+            pad_token_id=self.pad_token_id,
+            **kwargs,
+        )
+
+    def encode(self, queries: Sequence[str]) -> BatchEncoding:
+        """Tokenize prompts as the reference does (left padding for batches)."""
+        return self.tokenizer(list(queries), return_tensors="pt", padding=True, padding_side="left")
+
+    @torch.inference_mode()
+    def generate_ids(
+        self,
+        queries: Sequence[str],
+        pixel_values: torch.Tensor | None = None,
+        *,
+        generation_config: GenerationConfig | None = None,
+        streamer: Any = None,
+    ) -> list[list[int]]:
+        """New token ids per prompt, each cut after its first stop token (post-stop padding dropped)."""
+        inputs = self.encode(queries).to(self.device)
+        extra = {} if pixel_values is None else {"pixel_values": pixel_values.to(self.device, self.dtype)}
+        config = generation_config or self.generation_config()
+        out = self.model.generate(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            generation_config=config,
+            streamer=streamer,
+            **extra,
+        )
+        new = out[:, inputs["input_ids"].shape[1] :].tolist()
+        return [ids[: ids.index(self.stop_token_id) + 1] if self.stop_token_id in ids else ids for ids in new]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Answer text: special tokens skipped, cut at the separator, stripped."""
+        return self.template.postprocess(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    def _prepare(
+        self,
+        question: str,
+        images: Any,
+        history: Sequence | None,
+        pixel_values: torch.Tensor | None,
+        num_patches_list: Sequence[int] | None,
+        max_num_tiles: int | None,
+    ) -> tuple[str, str, torch.Tensor | None]:
+        if images is not None:
+            if pixel_values is not None:
+                raise ValueError("pass either images or pixel_values, not both")
+            pixel_values, num_patches_list = self.tile_images(images, max_num_tiles)
+            if history is None and len(num_patches_list) > 1 and "<image>" not in question:
+                question = (
+                    "".join(f"Image-{i + 1}: <image>\n" for i in range(len(num_patches_list))) + question
+                )
+        if num_patches_list is None:
+            num_patches_list = [len(pixel_values)] if pixel_values is not None else []
+        self._check_pixels(pixel_values, num_patches_list)
+        question = self._question_with_placeholder(question, len(num_patches_list), history)
+        history_list = [tuple(turn) for turn in history] if history is not None else None
+        query = self._expand(
+            self.template.build_prompt(question, history_list, system_message=self.system_message),
+            num_patches_list,
+        )
+        return question, query, pixel_values
+
+    def chat(
+        self,
+        question: str,
+        images: Any = None,
+        history: Sequence | None = None,
+        *,
+        pixel_values: torch.Tensor | None = None,
+        num_patches_list: Sequence[int] | None = None,
+        max_num_tiles: int | None = None,
+        max_new_tokens: int = 512,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        return_history: bool = False,
+    ) -> str | tuple[str, History]:
+        """Answer ``question`` about ``images`` (PIL, tiled here) or pre-tiled ``pixel_values``.
+
+        Returns the answer, or ``(answer, history)`` with ``return_history=True`` (the caller's list is
+        not modified).
+        """
+        question, query, pixel_values = self._prepare(
+            question, images, history, pixel_values, num_patches_list, max_num_tiles
+        )
+        config = self.generation_config(
+            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p
+        )
+        answer = self.decode(self.generate_ids([query], pixel_values, generation_config=config)[0])
+        if return_history:
+            return answer, [*(tuple(t) for t in history or ()), (question, answer)]
+        return answer
+
+    def stream(
+        self,
+        question: str,
+        images: Any = None,
+        history: Sequence | None = None,
+        *,
+        pixel_values: torch.Tensor | None = None,
+        num_patches_list: Sequence[int] | None = None,
+        max_num_tiles: int | None = None,
+        max_new_tokens: int = 512,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+    ) -> Iterator[str]:
+        """Same arguments as :meth:`chat`; yields text pieces whose concatenation is chat()'s answer.
+
+        Generation runs in a background thread; closing the iterator early stops it at the next token.
+        """
+        _, query, pixel_values = self._prepare(
+            question, images, history, pixel_values, num_patches_list, max_num_tiles
+        )
+        config = self.generation_config(
+            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p
+        )
+        streamer = TokenQueueStreamer()
+        worker = threading.Thread(
+            target=streamer.run,
+            args=(self.generate_ids, [query], pixel_values),
+            kwargs={"generation_config": config},
+            daemon=True,
+            name="chat-stream",
+        )
+        worker.start()
+        try:
+            yield from incremental_text(streamer.tokens(), self.tokenizer, self.template, self.stop_token_id)
+        finally:
+            streamer.cancel()
+            worker.join()
+
+    def batch_chat(
+        self,
+        questions: Sequence[str],
+        pixel_values: torch.Tensor | None = None,
+        num_patches_list: Sequence[int] | None = None,
+        *,
+        images: Sequence[Any] | None = None,
+        max_num_tiles: int | None = None,
+        max_new_tokens: int = 512,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+    ) -> list[str]:
+        """One image (``num_patches_list[i]`` tiles) per question, answered in one left-padded batch."""
+        questions = list(questions)
+        if not questions:
+            return []
+        if images is not None:
+            if pixel_values is not None:
+                raise ValueError("pass either images or pixel_values, not both")
+            if len(images) != len(questions):
+                raise ValueError(f"{len(images)} images for {len(questions)} questions")
+            pixel_values, num_patches_list = self.tile_images(images, max_num_tiles)
+        if pixel_values is None:
+            num_patches_list = [0] * len(questions)
+        elif num_patches_list is None:
+            raise ValueError("batch_chat needs num_patches_list (tiles per question) with pixel_values")
+        if len(num_patches_list) != len(questions):
+            raise ValueError(
+                f"num_patches_list has {len(num_patches_list)} entries for {len(questions)} questions"
+            )
+        self._check_pixels(pixel_values, num_patches_list)
+        queries = []
+        for question, n in zip(questions, num_patches_list, strict=True):
+            if pixel_values is not None and "<image>" not in question:
+                question = "<image>\n" + question
+            query = self.template.build_prompt(question, None, system_message=self.system_message)
+            queries.append(self._expand(query, [n]) if pixel_values is not None else query)
+        config = self.generation_config(
+            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p
+        )
+        return [
+            self.decode(ids) for ids in self.generate_ids(queries, pixel_values, generation_config=config)
+        ]
+
+    def __repr__(self) -> str:
+        return (
+            f"ChatModel(llm={self.settings.llm_arch}, template={self.template.name!r}, "
+            f"device={self.device}, dtype={self.dtype})"
+        )

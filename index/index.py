@@ -1,0 +1,555 @@
+"""The ``Index``: FAISS vectors + SQLite metadata + float16 vector store, saved atomically.
+
+Directory layout::
+
+    manifest.json        format version, model, mode, dim, metric, index type, generation (commit point)
+    meta.sqlite          rows (WAL), each tagged with the generation that added / removed it
+    vectors/seg-*.npy    float16 vectors, memory-mappable, immutable segments
+    faiss/<gen>.faiss    FAISS index (ids = SQLite ids) as of ``faiss_generation``
+
+A save writes vectors, SQLite rows (tagged ``generation + 1``) and possibly a new FAISS file, then
+atomically replaces ``manifest.json``. Readers only see rows of the manifest's generation and apply
+the small delta between ``faiss_generation`` and ``generation`` on open, so a crash at any instant
+leaves the previous or the new index; the next writer rolls back anything newer than the manifest.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from index import faiss_index as fx
+from index import maintenance
+from index.store import MetaStore
+from index.vectors import VectorStore, atomic_write
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "internvl-retrieval-index"
+FORMAT_VERSION = 1
+METRICS = tuple(fx.METRICS)
+RERANK_FACTOR = 4
+
+
+class IndexFormatError(ValueError):
+    """The directory is not an index of this format / version, or its files are inconsistent."""
+
+
+class IndexMismatchError(ValueError):
+    """The index was built with another model, mode or embedding dimension."""
+
+
+class IndexLockedError(RuntimeError):
+    """Another process holds the index's writer lock."""
+
+
+def read_manifest(folder: Path) -> dict:
+    path = Path(folder) / "manifest.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no index at {folder} (manifest.json missing)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IndexFormatError(f"{path}: unreadable manifest ({exc})") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise IndexFormatError(f"{path}: not an {FORMAT} manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise IndexFormatError(
+            f"{folder}: index format version {manifest.get('format_version')} is not supported "
+            f"(this code reads version {FORMAT_VERSION}); rebuild the index"
+        )
+    return manifest
+
+
+def _split_path(row: dict) -> dict:
+    row = dict(row)
+    if row.get("relpath") is None and row.get("path") is not None:
+        path = os.path.abspath(os.fspath(row["path"]))
+        row["root"], row["relpath"] = os.path.dirname(path), os.path.basename(path)
+    return row
+
+
+class Index:
+    """Vector index with row metadata; see the module docstring for the on-disk format."""
+
+    def __init__(self, folder: Path, manifest: dict) -> None:
+        self.dir = Path(folder).absolute()
+        self._lock = threading.RLock()
+        self._writer = False
+        self._lock_fd: int | None = None
+        self.store = MetaStore(self.dir / "meta.sqlite")
+        self.vectors = VectorStore(self.dir / "vectors", int(manifest["embed_dim"]))
+        self._search_params: dict = {}
+        self._load(manifest)
+
+    # ------------------------------------------------------------------------------ creation
+    @classmethod
+    def create(
+        cls,
+        folder: str | os.PathLike,
+        dim: int,
+        *,
+        metric: str = "ip",
+        model: str | None = None,
+        mode: str | None = None,
+        index_type: str = "flat",
+        memory_budget: int = fx.DEFAULT_MEMORY_BUDGET,
+    ) -> Index:
+        """Create an empty index in ``folder`` (created if needed; must not hold an index yet)."""
+        folder = Path(folder).absolute()
+        if metric not in METRICS:
+            raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
+        if index_type not in fx.INDEX_TYPES:
+            raise ValueError(f"unknown index type {index_type!r}; expected one of {fx.INDEX_TYPES}")
+        if int(dim) < 1:
+            raise ValueError(f"embedding dimension must be positive, got {dim}")
+        if (folder / "manifest.json").exists():
+            raise FileExistsError(f"an index already exists at {folder}; open it instead")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "faiss").mkdir(exist_ok=True)
+            if not os.access(folder, os.W_OK):
+                raise PermissionError(f"index directory {folder} is not writable")
+            MetaStore(folder / "meta.sqlite", create=True).close()
+        except (PermissionError, sqlite3.OperationalError) as exc:
+            raise PermissionError(f"cannot create an index in {folder}: {exc}") from exc
+        factory = fx.FLAT
+        fx.write(fx.new_index(factory, dim, metric), folder / "faiss" / "00000000.faiss")
+        now = time.time()
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model": model,
+            "mode": mode,
+            "embed_dim": int(dim),
+            "metric": metric,
+            "index_type": index_type,
+            "memory_budget": int(memory_budget),
+            "vector_dtype": "float16",
+            "generation": 0,
+            "count": 0,
+            "faiss_factory": factory,
+            "faiss_file": "faiss/00000000.faiss",
+            "faiss_generation": 0,
+            "faiss_count": 0,
+            "next_segment": 0,
+            "created_at": now,
+            "updated_at": now,
+        }
+        atomic_write(folder / "manifest.json", lambda fh: fh.write(json.dumps(manifest, indent=1).encode()))
+        index = cls(folder, manifest)
+        index._acquire_writer()
+        return index
+
+    @classmethod
+    def open(
+        cls,
+        folder: str | os.PathLike,
+        *,
+        model: str | None = None,
+        dim: int | None = None,
+        mode: str | None = None,
+    ) -> Index:
+        """Open an existing index for reading (writing takes the writer lock on the first change).
+
+        ``model`` / ``dim`` / ``mode``, when given, must match what the index was built with.
+        """
+        folder = Path(folder).absolute()
+        manifest = read_manifest(folder)
+        checks = (
+            ("model", model, manifest.get("model")),
+            ("mode", mode, manifest.get("mode")),
+            ("embedding dim", dim, manifest.get("embed_dim")),
+        )
+        for what, want, have in checks:
+            if want is not None and have is not None and want != have:
+                raise IndexMismatchError(
+                    f"index at {folder} was built with {what} {have!r}, not {want!r}; "
+                    "use another index directory or rebuild it"
+                )
+        for attempt in range(3):  # a concurrent save may retire the FAISS file between reads
+            try:
+                return cls(folder, manifest if attempt == 0 else read_manifest(folder))
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    # ------------------------------------------------------------------------------- state
+    def _load(self, manifest: dict) -> None:
+        self._manifest = manifest
+        self._gen = int(manifest["generation"])
+        self._faiss = fx.read(self.dir / manifest["faiss_file"])
+        self._factory = manifest["faiss_factory"]
+        self._dead: set[int] = set()
+        added, removed = self.store.delta(int(manifest["faiss_generation"]), self._gen)
+        if added:
+            ids = np.fromiter((a for a, _, _ in added), dtype=np.int64, count=len(added))
+            self._faiss.add_with_ids(self.vectors.gather([(s, o) for _, s, o in added]), ids)
+        self._forget(removed)
+        self._delta = len(added) + len(removed)
+        self._count = self.store.count(self._gen)
+        self._pending: list[np.ndarray] = []
+        self._pending_n = 0
+        self._pending_cat: np.ndarray | None = None
+        self._pending_seg = int(manifest["next_segment"])
+        self._changed = False
+        self._rebuild_needed = False
+        self._search_index = None
+        self._apply_search_params()
+
+    def _forget(self, ids: Sequence[int]) -> None:
+        """Drop ids from the FAISS index (or mark them dead where the index cannot remove)."""
+        if not len(ids):
+            return
+        if fx.supports_remove(self._faiss):
+            self._faiss.remove_ids(np.asarray(ids, dtype=np.int64))
+        else:
+            self._dead.update(int(i) for i in ids)
+        self._search_index = None
+
+    @property
+    def _view(self) -> int:
+        """Generation whose rows this object sees (its own unsaved changes included)."""
+        return self._gen + 1 if self._writer else self._gen
+
+    @property
+    def manifest(self) -> dict:
+        return dict(self._manifest)
+
+    @property
+    def dim(self) -> int:
+        return int(self._manifest["embed_dim"])
+
+    @property
+    def metric(self) -> str:
+        return self._manifest["metric"]
+
+    @property
+    def generation(self) -> int:
+        return self._gen
+
+    @property
+    def view_generation(self) -> int:
+        return self._view
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __repr__(self) -> str:
+        return f"Index(dir={str(self.dir)!r}, n={self._count}, dim={self.dim}, faiss={self._factory!r})"
+
+    def __enter__(self) -> Index:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the writer lock and this thread's database connection (unsaved changes are dropped)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        self._writer = False
+        self.store.close()
+
+    def lock_for_writing(self) -> None:
+        """Take the writer lock now (it is otherwise taken by the first change); ``IndexLockedError``
+        when another process writes. Rolls back what an interrupted writer left uncommitted."""
+        with self._lock:
+            self._acquire_writer()
+
+    def inherited_fds(self) -> list[int]:
+        """Descriptors a forked worker process should close (the writer lock)."""
+        return [self._lock_fd] if self._lock_fd is not None else []
+
+    def _acquire_writer(self) -> None:
+        if self._writer:
+            return
+        fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            os.close(fd)
+            raise IndexLockedError(f"index at {self.dir} is being written by another process") from exc
+        self._lock_fd = fd
+        manifest = read_manifest(self.dir)
+        n = self.store.rollback_after(int(manifest["generation"]))
+        if n:
+            logger.warning("%s: rolled back %d row changes of an interrupted save", self.dir, n)
+        if manifest["generation"] != self._gen or n:
+            self._load(manifest)
+        self._writer = True
+        # never reuse the id of a segment an interrupted save may have left referenced
+        used = self.store.segments_in_use() | self.vectors.existing()
+        self._pending_seg = max(self._pending_seg, max(used, default=-1) + 1)
+        self._cleanup()
+
+    # ---------------------------------------------------------------------------- mutation
+    def add(self, vectors: np.ndarray, rows: Sequence[dict]) -> np.ndarray:
+        """Add ``(n, D)`` vectors with one metadata dict each (``path`` or ``root`` + ``relpath``,
+        optional size, mtime_ns, hash, width, height, any JSON-able extras). Returns the new ids."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise ValueError(f"vectors must have shape (n, {self.dim}), got {vectors.shape}")
+        if len(rows) != len(vectors):
+            raise ValueError(f"{len(vectors)} vectors but {len(rows)} rows")
+        if not np.isfinite(vectors).all():
+            raise ValueError("vectors contain NaN or infinite values")
+        if not len(rows):
+            return np.zeros(0, dtype=np.int64)
+        rows = [_split_path(r) for r in rows]
+        with self._lock:
+            self._acquire_writer()
+            start = self.store.max_id() + 1
+            ids = np.arange(start, start + len(rows), dtype=np.int64)
+            offsets = range(self._pending_n, self._pending_n + len(rows))
+            try:
+                self.store.insert(ids, rows, self._pending_seg, offsets, self._gen + 1)
+            except sqlite3.IntegrityError as exc:
+                raise ValueError(
+                    f"a row with one of these paths is already indexed ({exc}); remove it first"
+                ) from exc
+            half = vectors.astype(np.float16)
+            self._pending.append(half)
+            self._pending_n += len(rows)
+            self._pending_cat = None
+            self._faiss.add_with_ids(half.astype(np.float32), ids)
+            self._search_index = None
+            self._count += len(rows)
+            self._delta += len(rows)
+            self._changed = True
+        return ids
+
+    def remove(self, ids: Sequence[int]) -> int:
+        """Remove rows by id (unknown ids are ignored). Returns how many were removed."""
+        with self._lock:
+            self._acquire_writer()
+            present = list(self.store.locations([int(i) for i in ids], self._view))
+            if not present:
+                return 0
+            n = self.store.remove(present, self._gen + 1)
+            self._forget(present)
+            self._count -= n
+            self._delta += n
+            self._changed = True
+        return n
+
+    def touch(self, updates: Sequence[tuple[int, int, int]]) -> None:
+        """Record new ``(id, size, mtime_ns)`` for rows whose content proved unchanged."""
+        with self._lock:
+            self._acquire_writer()
+            self.store.touch(updates)
+
+    # -------------------------------------------------------------------------------- saving
+    def save(self, *, full: bool = False) -> None:
+        """Commit all changes atomically (vectors, rows, FAISS, then the manifest last).
+
+        The FAISS file is rewritten when the pending delta has grown large, when the index type
+        calls for another structure (e.g. ``auto`` crossing to IVF, IVF lists outgrown), or with
+        ``full=True``; otherwise readers replay the small delta from SQLite on open.
+        """
+        with self._lock:
+            if not self._writer:
+                self._acquire_writer()
+            factory = fx.choose_factory(
+                self._manifest["index_type"],
+                self._count,
+                self.dim,
+                int(self._manifest.get("memory_budget", fx.DEFAULT_MEMORY_BUDGET)),
+            )
+            if not (
+                self._changed or factory != self._factory or self._rebuild_needed or (full and self._delta)
+            ):
+                return
+            new_gen = self._gen + 1
+            pending = self._pending_map()
+            next_seg = self._pending_seg
+            if pending is not None:
+                self.vectors.write(self._pending_seg, pending[self._pending_seg])
+                next_seg += 1
+            merge = maintenance.plan_merge(self.store.segment_live_counts())
+            if merge:
+                maintenance.merge_segments(self.store, self.vectors, merge, next_seg, self._view, pending)
+                next_seg += 1
+            manifest = dict(self._manifest)
+            write_faiss = (
+                full
+                or factory != self._factory
+                or self._rebuild_needed
+                or self._delta >= max(4096, int(manifest["faiss_count"]) // 2)
+            )
+            # ids the FAISS index cannot remove (HNSW) must not reach a written file
+            if factory != self._factory or self._rebuild_needed or (write_faiss and self._dead):
+                self._faiss = maintenance.rebuild_faiss(
+                    self.store, self.vectors, self._view, factory, self.dim, self.metric, pending
+                )
+                self._factory, self._dead, self._rebuild_needed = factory, set(), False
+                self._apply_search_params()
+            if write_faiss:
+                name = f"faiss/{new_gen:08d}.faiss"
+                fx.write(self._faiss, self.dir / name)
+                manifest.update(
+                    faiss_file=name,
+                    faiss_generation=new_gen,
+                    faiss_factory=self._factory,
+                    faiss_count=int(self._faiss.ntotal),
+                )
+            manifest.update(
+                generation=new_gen, count=self._count, next_segment=next_seg, updated_at=time.time()
+            )
+            data = json.dumps(manifest, indent=1).encode()
+            atomic_write(self.dir / "manifest.json", lambda fh: fh.write(data))  # the commit point
+            previous = self._manifest
+            self._manifest, self._gen = manifest, new_gen
+            self._pending, self._pending_n, self._pending_cat = [], 0, None
+            self._pending_seg, self._changed = next_seg, False
+            if write_faiss:
+                self._delta = 0
+            self._cleanup(previous.get("faiss_file"))
+            logger.debug("saved %s generation %d (%d rows)", self.dir, new_gen, self._count)
+
+    def rebuild(self, index_type: str | None = None) -> None:
+        """Rebuild (and retrain) the FAISS index from the stored vectors, optionally changing its type."""
+        with self._lock:
+            self._acquire_writer()
+            if index_type is not None:
+                fx.choose_factory(index_type, 0, self.dim)  # validates the name
+                self._manifest = {**self._manifest, "index_type": index_type}
+                self._changed = True
+            self._rebuild_needed = True
+            self.save(full=True)
+
+    def _cleanup(self, keep_faiss: str | None = None) -> None:
+        """Drop what no reader of the current or previous generation can need any more."""
+        self.store.purge(min(self._gen - 2, int(self._manifest["faiss_generation"])))
+        in_use = self.store.segments_in_use() | {self._pending_seg}
+        self.vectors.delete(sorted(self.vectors.existing() - in_use))
+        keep = {self._manifest["faiss_file"], keep_faiss}
+        for path in (self.dir / "faiss").iterdir():
+            if f"faiss/{path.name}" not in keep:
+                path.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------------------- reads
+    def get(self, ids: Sequence[int]) -> list[dict | None]:
+        """Row dicts (``id``, ``path``, ``root``, ``relpath``, size, mtime_ns, hash, width, height,
+        added_at, extras) in the order of ``ids``; ``None`` for ids not in the index."""
+        found = self.store.get([int(i) for i in ids], self._view)
+        return [found.get(int(i)) for i in ids]
+
+    def get_vectors(self, ids: Sequence[int]) -> np.ndarray:
+        """Stored vectors (float16 precision) as float32 ``(n, D)``; ``KeyError`` for unknown ids."""
+        ids = [int(i) for i in ids]
+        locs = self.store.locations(ids, self._view)
+        missing = [i for i in ids if i not in locs]
+        if missing:
+            raise KeyError(f"ids not in the index: {missing[:10]}")
+        return self.vectors.gather([locs[i] for i in ids], self._pending_map())
+
+    def ids(self) -> np.ndarray:
+        """All ids in the index, ascending."""
+        return np.asarray([i for i, _, _ in self.store.live_locations(self._view)], dtype=np.int64)
+
+    def _pending_map(self) -> dict[int, np.ndarray] | None:
+        if not self._pending:
+            return None
+        if self._pending_cat is None:
+            self._pending_cat = np.concatenate(self._pending)
+        return {self._pending_seg: self._pending_cat}
+
+    def set_search_params(self, *, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        """Accuracy/speed knobs of approximate indexes (IVF ``nprobe``, HNSW ``efSearch``)."""
+        with self._lock:
+            self._search_params = {"nprobe": nprobe, "ef_search": ef_search}
+            self._apply_search_params()
+
+    def _apply_search_params(self) -> None:
+        fx.set_search_params(self._faiss, 64, **self._search_params)
+        self._search_index = None
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, list[list[dict]]]:
+        """Top-``k`` rows for each query ``(Q, D)`` (or ``(D,)``).
+
+        Returns ``ids (Q, k')`` int64, ``scores (Q, k')`` float32 (inner product, or squared L2
+        distance for metric ``l2``) and per query a list of row dicts with ``score``, where
+        ``k' = min(k, len(index))``; an approximate index that finds fewer pads with id -1 / NaN.
+        """
+        q = np.asarray(queries, dtype=np.float32)
+        if q.ndim == 1:
+            q = q[None, :]
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"queries must have shape (Q, {self.dim}), got {np.shape(queries)}")
+        if not np.isfinite(q).all():
+            raise ValueError("queries contain NaN or infinite values")
+        if int(k) < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        q = np.ascontiguousarray(q)
+        kk = min(int(k), self._count)
+        out_ids = np.full((len(q), kk), -1, dtype=np.int64)
+        out_scores = np.full((len(q), kk), np.nan, dtype=np.float32)
+        out_rows: list[list[dict]] = [[] for _ in range(len(q))]
+        if kk == 0 or len(q) == 0:
+            return out_ids, out_scores, out_rows
+        with self._lock if self._writer else _NoLock():
+            dead = set(self._dead)
+            fetch = kk + len(dead)
+            if fx.needs_rerank(self._factory):
+                fetch = max(fetch, kk * RERANK_FACTOR)
+            fetch = min(fetch, int(self._faiss.ntotal))
+            if self._search_index is None:
+                self._search_index = fx.to_search_device(self._faiss)
+            scores, cand = self._search_index.search(q, fetch)
+            if fx.needs_rerank(self._factory):
+                scores, cand = self._rerank(q, cand)
+            rows = self.store.get(np.unique(cand[cand >= 0]).tolist(), self._view)
+        for qi in range(len(q)):
+            j = 0
+            for rid, score in zip(cand[qi], scores[qi], strict=True):
+                row = rows.get(int(rid)) if rid >= 0 and int(rid) not in dead else None
+                if row is None:
+                    continue
+                out_ids[qi, j], out_scores[qi, j] = rid, score
+                out_rows[qi].append({**row, "score": float(score)})
+                j += 1
+                if j == kk:
+                    break
+        return out_ids, out_scores, out_rows
+
+    def _rerank(self, q: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exact scores for candidate ids from the stored vectors, re-sorted."""
+        uniq = np.unique(cand[cand >= 0])
+        locs = self.store.locations(uniq.tolist(), self._view)
+        known = np.asarray([i for i in uniq.tolist() if i in locs], dtype=np.int64)
+        vecs = self.vectors.gather([locs[int(i)] for i in known], self._pending_map())
+        pos = np.searchsorted(known, cand)
+        ok = (cand >= 0) & (pos < len(known)) & (known[np.minimum(pos, max(len(known) - 1, 0))] == cand)
+        gathered = (
+            vecs[np.minimum(pos, max(len(known) - 1, 0))] if len(known) else np.zeros((*cand.shape, self.dim))
+        )
+        if self.metric == "ip":
+            exact = np.einsum("qd,qkd->qk", q, gathered)
+            exact = np.where(ok, exact, -np.inf)
+            order = np.argsort(-exact, axis=1, kind="stable")
+        else:
+            exact = ((gathered - q[:, None, :]) ** 2).sum(-1)
+            exact = np.where(ok, exact, np.inf)
+            order = np.argsort(exact, axis=1, kind="stable")
+        cand = np.where(ok, cand, -1)
+        return np.take_along_axis(exact, order, 1).astype(np.float32), np.take_along_axis(cand, order, 1)
+
+
+class _NoLock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

@@ -1,0 +1,276 @@
+"""SQLite metadata store (WAL) with generation-tagged rows.
+
+Every row carries ``gen_added`` and ``gen_removed``. A reader pinned to generation ``G`` (the one in
+``manifest.json``) sees exactly the rows with ``gen_added <= G`` and ``gen_removed`` unset or ``> G``,
+so a writer can commit rows for generation ``G + 1`` before the manifest names it, and a crash
+between the two is undone by :meth:`MetaStore.rollback_after`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS images (
+    id INTEGER PRIMARY KEY,
+    root TEXT,
+    relpath TEXT,
+    size INTEGER,
+    mtime_ns INTEGER,
+    hash TEXT,
+    width INTEGER,
+    height INTEGER,
+    added_at REAL NOT NULL,
+    seg INTEGER NOT NULL,
+    off INTEGER NOT NULL,
+    gen_added INTEGER NOT NULL,
+    gen_removed INTEGER,
+    extra TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS images_live_path ON images(root, relpath) WHERE gen_removed IS NULL;
+CREATE INDEX IF NOT EXISTS images_removed ON images(gen_removed) WHERE gen_removed IS NOT NULL;
+CREATE INDEX IF NOT EXISTS images_added ON images(gen_added);
+CREATE INDEX IF NOT EXISTS images_seg ON images(seg);
+CREATE TABLE IF NOT EXISTS failures (
+    root TEXT NOT NULL, relpath TEXT NOT NULL, size INTEGER, mtime_ns INTEGER,
+    reason TEXT NOT NULL, message TEXT, PRIMARY KEY (root, relpath)
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+#: metadata columns a row dict may set (``path`` is split into root/relpath)
+ROW_FIELDS = ("root", "relpath", "size", "mtime_ns", "hash", "width", "height")
+_COLUMNS = "id, root, relpath, size, mtime_ns, hash, width, height, added_at, seg, off, extra"
+_VISIBLE = "gen_added <= ? AND (gen_removed IS NULL OR gen_removed > ?)"
+_CHUNK = 900  # stay below SQLite's bound-parameter limit
+
+
+def _row_dict(rec: tuple) -> dict:
+    rid, root, rel, size, mtime_ns, digest, width, height, added_at, _seg, _off, extra = rec
+    path = os.path.join(root, rel) if rel is not None else None
+    row = {
+        "id": int(rid),
+        "path": path,
+        "root": root,
+        "relpath": rel,
+        "size": size,
+        "mtime_ns": mtime_ns,
+        "hash": digest,
+        "width": width,
+        "height": height,
+        "added_at": added_at,
+    }
+    if extra:
+        row.update(json.loads(extra))
+    return row
+
+
+class MetaStore:
+    """Thread-safe access to ``meta.sqlite``: one connection per thread, WAL journal."""
+
+    def __init__(self, path: Path, *, create: bool = False) -> None:
+        self.path = Path(path)
+        if not create and not self.path.exists():
+            raise FileNotFoundError(f"index metadata database missing: {self.path}")
+        self._local = threading.local()
+        conn = self.conn()
+        conn.execute("PRAGMA journal_mode=WAL")
+        if create:
+            conn.executescript(SCHEMA)
+            conn.commit()
+
+    def conn(self) -> sqlite3.Connection:
+        """This thread's connection (created on first use)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=60, isolation_level="DEFERRED")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA busy_timeout=60000")
+            self._local.conn = conn
+        return conn
+
+    # ----------------------------------------------------------------- reads (snapshot at `gen`)
+    def get(self, ids: Sequence[int], gen: int) -> dict[int, dict]:
+        """Visible rows by id at generation ``gen`` (missing ids are absent from the result)."""
+        out: dict[int, dict] = {}
+        ids = [int(i) for i in ids]
+        for start in range(0, len(ids), _CHUNK):
+            part = ids[start : start + _CHUNK]
+            marks = ",".join("?" * len(part))
+            sql = f"SELECT {_COLUMNS} FROM images WHERE id IN ({marks}) AND {_VISIBLE}"
+            for rec in self.conn().execute(sql, (*part, gen, gen)):
+                out[int(rec[0])] = _row_dict(rec)
+        return out
+
+    def locations(self, ids: Sequence[int], gen: int) -> dict[int, tuple[int, int]]:
+        """``id -> (segment, offset)`` of the stored vector for visible ids."""
+        out: dict[int, tuple[int, int]] = {}
+        ids = [int(i) for i in ids]
+        for start in range(0, len(ids), _CHUNK):
+            part = ids[start : start + _CHUNK]
+            marks = ",".join("?" * len(part))
+            sql = f"SELECT id, seg, off FROM images WHERE id IN ({marks}) AND {_VISIBLE}"
+            for rid, seg, off in self.conn().execute(sql, (*part, gen, gen)):
+                out[int(rid)] = (int(seg), int(off))
+        return out
+
+    def count(self, gen: int) -> int:
+        return int(
+            self.conn().execute(f"SELECT COUNT(*) FROM images WHERE {_VISIBLE}", (gen, gen)).fetchone()[0]
+        )
+
+    def live_locations(self, gen: int) -> list[tuple[int, int, int]]:
+        """All visible ``(id, seg, off)`` ordered by id."""
+        sql = f"SELECT id, seg, off FROM images WHERE {_VISIBLE} ORDER BY id"
+        return [(int(a), int(b), int(c)) for a, b, c in self.conn().execute(sql, (gen, gen))]
+
+    def delta(self, since: int, gen: int) -> tuple[list[tuple[int, int, int]], list[int]]:
+        """Changes between generations: rows added in ``(since, gen]`` still visible at ``gen``, and
+        ids visible at ``since`` that were removed in ``(since, gen]``."""
+        added = (
+            self.conn()
+            .execute(
+                f"SELECT id, seg, off FROM images WHERE gen_added > ? AND {_VISIBLE} ORDER BY id",
+                (since, gen, gen),
+            )
+            .fetchall()
+        )
+        removed = (
+            self.conn()
+            .execute(
+                "SELECT id FROM images WHERE gen_added <= ? AND gen_removed > ? AND gen_removed <= ?",
+                (since, since, gen),
+            )
+            .fetchall()
+        )
+        return [(int(a), int(b), int(c)) for a, b, c in added], [int(r[0]) for r in removed]
+
+    def by_root(self, root: str, gen: int) -> dict[str, tuple[int, int, int, str]]:
+        """``relpath -> (id, size, mtime_ns, hash)`` for visible rows under ``root``."""
+        sql = f"SELECT relpath, id, size, mtime_ns, hash FROM images WHERE root = ? AND {_VISIBLE}"
+        return {r[0]: (int(r[1]), r[2], r[3], r[4]) for r in self.conn().execute(sql, (root, gen, gen))}
+
+    def max_id(self) -> int:
+        value = self.meta("next_id")
+        top = self.conn().execute("SELECT MAX(id) FROM images").fetchone()[0]
+        return max(int(value) - 1 if value is not None else -1, top if top is not None else -1)
+
+    def meta(self, key: str) -> str | None:
+        rec = self.conn().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return rec[0] if rec else None
+
+    # ----------------------------------------------------------------------------------- writes
+    def insert(
+        self, ids: Sequence[int], rows: Sequence[dict], seg: int, offsets: Sequence[int], gen: int
+    ) -> None:
+        """Insert rows for generation ``gen`` (committed immediately; invisible to readers at < gen)."""
+        now = time.time()
+        records = []
+        for rid, row, off in zip(ids, rows, offsets, strict=True):
+            fields = {k: row.get(k) for k in ROW_FIELDS}
+            extra = {k: v for k, v in row.items() if k not in ROW_FIELDS and k not in ("id", "path", "score")}
+            records.append(
+                (
+                    int(rid),
+                    *fields.values(),
+                    row.get("added_at", now),
+                    seg,
+                    int(off),
+                    gen,
+                    json.dumps(extra) if extra else None,
+                )
+            )
+        conn = self.conn()
+        with conn:
+            conn.executemany(
+                "INSERT INTO images (id, root, relpath, size, mtime_ns, hash, width, height, added_at,"
+                " seg, off, gen_added, extra) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                records,
+            )
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('next_id', ?)", (str(int(max(ids)) + 1),))
+
+    def remove(self, ids: Iterable[int], gen: int) -> int:
+        """Mark visible rows removed at ``gen``; rows added in ``gen`` itself are deleted outright."""
+        ids = [int(i) for i in ids]
+        n = 0
+        conn = self.conn()
+        with conn:
+            for start in range(0, len(ids), _CHUNK):
+                part = ids[start : start + _CHUNK]
+                marks = ",".join("?" * len(part))
+                n += conn.execute(
+                    f"DELETE FROM images WHERE id IN ({marks}) AND gen_added >= ? AND gen_removed IS NULL",
+                    (*part, gen),
+                ).rowcount
+                n += conn.execute(
+                    f"UPDATE images SET gen_removed = ? WHERE id IN ({marks}) AND gen_removed IS NULL",
+                    (gen, *part),
+                ).rowcount
+        return n
+
+    def touch(self, updates: Sequence[tuple[int, int, int]]) -> None:
+        """Refresh ``(id, size, mtime_ns)`` of rows whose content hash proved unchanged."""
+        conn = self.conn()
+        with conn:
+            conn.executemany(
+                "UPDATE images SET size = ?, mtime_ns = ? WHERE id = ?", [(s, m, i) for i, s, m in updates]
+            )
+
+    def move(self, moves: Sequence[tuple[int, int, int]]) -> None:
+        """Point ``(id, seg, off)`` rows at a rewritten vector segment (same vectors)."""
+        conn = self.conn()
+        with conn:
+            conn.executemany(
+                "UPDATE images SET seg = ?, off = ? WHERE id = ?", [(s, o, i) for i, s, o in moves]
+            )
+
+    def rollback_after(self, gen: int) -> int:
+        """Undo everything tagged with a generation newer than ``gen`` (an interrupted save)."""
+        conn = self.conn()
+        with conn:
+            n = conn.execute("DELETE FROM images WHERE gen_added > ?", (gen,)).rowcount
+            n += conn.execute("UPDATE images SET gen_removed = NULL WHERE gen_removed > ?", (gen,)).rowcount
+        return n
+
+    def purge(self, upto: int) -> int:
+        """Physically delete rows removed at or before generation ``upto``."""
+        conn = self.conn()
+        with conn:
+            return conn.execute("DELETE FROM images WHERE gen_removed <= ?", (upto,)).rowcount
+
+    def segments_in_use(self) -> set[int]:
+        return {int(r[0]) for r in self.conn().execute("SELECT DISTINCT seg FROM images")}
+
+    def segment_live_counts(self) -> dict[int, int]:
+        sql = "SELECT seg, COUNT(*) FROM images WHERE gen_removed IS NULL GROUP BY seg"
+        return {int(a): int(b) for a, b in self.conn().execute(sql)}
+
+    def set_failures(self, root: str, failures: Sequence[tuple[str, int, int, str, str]]) -> None:
+        conn = self.conn()
+        with conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO failures VALUES (?,?,?,?,?,?)", [(root, *f) for f in failures]
+            )
+
+    def clear_failures(self, root: str, relpaths: Iterable[str]) -> None:
+        conn = self.conn()
+        with conn:
+            conn.executemany(
+                "DELETE FROM failures WHERE root = ? AND relpath = ?", [(root, r) for r in relpaths]
+            )
+
+    def failures(self, root: str) -> dict[str, tuple[int, int, str, str]]:
+        sql = "SELECT relpath, size, mtime_ns, reason, message FROM failures WHERE root = ?"
+        return {r[0]: (r[1], r[2], r[3], r[4]) for r in self.conn().execute(sql, (root,))}
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None

@@ -1,0 +1,105 @@
+"""Float16 vector store: immutable ``.npy`` segments, memory-mapped on read.
+
+Each save appends one segment ``vectors/seg-<id>.npy`` (``(n, D)`` float16); SQLite rows point at
+``(segment, offset)``. Segments are never modified, only merged into new ones and deleted once no
+row refers to them, so the FAISS index can be retrained or rebuilt at any time without re-encoding.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename inside it is durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write) -> None:  # noqa: ANN001 - write: Callable[[BinaryIO], None]
+    """Write ``path`` via a temp file, fsync, rename, fsync the directory."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+class VectorStore:
+    """Segments of float16 vectors under ``folder``."""
+
+    def __init__(self, folder: Path, dim: int) -> None:
+        self.folder = Path(folder)
+        self.dim = int(dim)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._maps: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def path(self, seg: int) -> Path:
+        return self.folder / f"seg-{seg:08d}.npy"
+
+    def write(self, seg: int, vectors: np.ndarray) -> None:
+        """Durably write segment ``seg`` (``(n, D)``, stored as float16)."""
+        arr = np.ascontiguousarray(vectors, dtype=np.float16).reshape(-1, self.dim)
+        atomic_write(self.path(seg), lambda fh: np.save(fh, arr, allow_pickle=False))
+
+    def segment(self, seg: int) -> np.ndarray:
+        """Memory-mapped ``(n, D)`` float16 view of one segment."""
+        with self._lock:
+            arr = self._maps.get(seg)
+            if arr is None:
+                arr = np.load(self.path(seg), mmap_mode="r", allow_pickle=False)
+                if arr.ndim != 2 or arr.shape[1] != self.dim:
+                    raise ValueError(
+                        f"vector segment {self.path(seg)} has shape {arr.shape}, expected (n, {self.dim})"
+                    )
+                self._maps[seg] = arr
+            return arr
+
+    def gather(
+        self, locs: Sequence[tuple[int, int]], pending: Mapping[int, np.ndarray] | None = None
+    ) -> np.ndarray:
+        """Vectors at ``(segment, offset)`` locations as float32 ``(n, D)``, in the given order."""
+        out = np.empty((len(locs), self.dim), dtype=np.float32)
+        if not len(locs):
+            return out
+        loc = np.asarray(locs, dtype=np.int64).reshape(-1, 2)
+        for seg in np.unique(loc[:, 0]):
+            sel = np.flatnonzero(loc[:, 0] == seg)
+            src = pending[int(seg)] if pending is not None and int(seg) in pending else self.segment(int(seg))
+            offs = loc[sel, 1]
+            order = np.argsort(offs, kind="stable")  # sequential reads from the memmap
+            out[sel[order]] = np.asarray(src[offs[order]], dtype=np.float32)
+        return out
+
+    def existing(self) -> set[int]:
+        """Segment ids present on disk."""
+        out = set()
+        for p in self.folder.glob("seg-*.npy"):
+            try:
+                out.add(int(p.stem[4:]))
+            except ValueError:
+                logger.warning("ignoring stray file in vector store: %s", p)
+        return out
+
+    def delete(self, segs: Sequence[int]) -> None:
+        with self._lock:
+            for seg in segs:
+                self._maps.pop(seg, None)
+                self.path(seg).unlink(missing_ok=True)
+        for p in self.folder.glob(".seg-*.tmp"):
+            p.unlink(missing_ok=True)

@@ -1,0 +1,112 @@
+#!/usr/bin/env python
+"""Index image folders into a FAISS + SQLite index, incrementally and resumably.
+
+    python scripts/build_index.py FOLDER [FOLDER ...] --index DIR --model PATH [--mode internvl-c|internvl-g]
+        [--batch-size N] [--workers N] [--index-type auto|flat|ivf-flat|ivf-pq|hnsw] [--device cpu|cuda]
+        [--prune] [--max-pixels N]
+
+Progress goes to stderr; the last line on stdout is a JSON summary
+``{"scanned", "added", "updated", "removed", "skipped", "seconds", "images_per_s", ...}``. Skipped files
+and their reasons are listed in ``DIR/skipped.tsv`` and ``DIR/build_report.json``. Exit status: 0 when
+the run completed (skips included), 2 bad arguments, 3 model or index problem, 4 I/O error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from index.faiss_index import INDEX_TYPES
+from index.index import IndexFormatError, IndexLockedError, IndexMismatchError
+from retrieval.images import DEFAULT_MAX_PIXELS
+
+logger = logging.getLogger("build_index")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("folders", nargs="+", metavar="FOLDER", help="image folders to index (recursive)")
+    p.add_argument("--index", required=True, metavar="DIR", help="index directory (created if missing)")
+    p.add_argument("--model", required=True, metavar="PATH", help='model folder, or "demo"')
+    p.add_argument("--mode", choices=["internvl-c", "internvl-g", "openclip"], default=None)
+    p.add_argument("--batch-size", type=int, default=32, metavar="N")
+    p.add_argument(
+        "--workers", type=int, default=None, metavar="N", help="decoding processes (default: CPUs, max 8)"
+    )
+    p.add_argument(
+        "--index-type",
+        choices=INDEX_TYPES,
+        default=None,
+        help="FAISS index type (default: keep an existing index's type, auto for a new one)",
+    )
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="model precision (default: bf16 on cuda, float32 on cpu)")
+    p.add_argument("--prune", action="store_true", help="remove rows of files that no longer exist")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        metavar="N",
+        help=f"skip images with more pixels (decompression-bomb guard, default {DEFAULT_MAX_PIXELS})",
+    )
+    p.add_argument("--commit-every", type=int, default=1024, metavar="N", help="images per committed chunk")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", "-v", action="store_true")
+    p.add_argument("--throttle", type=float, default=0.0, help=argparse.SUPPRESS)  # seconds per batch (tests)
+    args = p.parse_args(argv)
+    for name in ("batch_size", "commit_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.workers is not None and args.workers < 0:
+        p.error("--workers must be >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from index.builder import build_index  # heavy imports after argument checks
+    from retrieval import load_encoder
+
+    try:
+        encoder = load_encoder(args.model, mode=args.mode, device=args.device, dtype=args.dtype)
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"error: cannot load model {args.model!r}: {exc}", file=sys.stderr)
+        return 3
+    try:
+        report = build_index(
+            args.folders,
+            args.index,
+            encoder,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            index_type=args.index_type,
+            prune=args.prune,
+            max_pixels=args.max_pixels,
+            commit_every=args.commit_every,
+            progress=not args.no_progress,
+            throttle=args.throttle,
+        )
+    except KeyboardInterrupt:
+        print("interrupted; committed work is kept, re-run to finish", file=sys.stderr)
+        return 130
+    except (IndexMismatchError, IndexFormatError, IndexLockedError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 4
+    if report.skipped:
+        print(f"{report.skipped} files skipped, listed in {args.index}/skipped.tsv", file=sys.stderr)
+    print(json.dumps(report.summary()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
