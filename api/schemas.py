@@ -6,6 +6,9 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from retrieval.zero_shot_templates import DEFAULT_TEMPLATES
+
+MAX_PROMPTS = 20_000  # labels x templates encoded per /classify request
 MAX_ID = 2**53 - 1  # largest id exactly representable in JSON numbers (and JavaScript)
 
 
@@ -19,7 +22,17 @@ def _utf8(value: str) -> str:
 
 
 Text = Annotated[str, Field(min_length=1, max_length=10_000), AfterValidator(_utf8)]
-Label = Annotated[str, Field(min_length=1, max_length=1_000), AfterValidator(_utf8)]
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be blank")
+    return value
+
+
+Label = Annotated[
+    str, Field(min_length=1, max_length=1_000), AfterValidator(_utf8), AfterValidator(_not_blank)
+]
 Template = Annotated[str, Field(min_length=2, max_length=1_000, pattern=r"\{\}"), AfterValidator(_utf8)]
 ImageB64 = Annotated[
     str, Field(min_length=1, description="base64 of an image file (data: URL prefix allowed)")
@@ -78,6 +91,9 @@ class ClassifyRequest(BaseModel):
         _exactly_one(self, ("image", "image_id"))
         if len(set(self.labels)) != len(self.labels):
             raise ValueError("labels must be unique")
+        prompts = len(self.labels) * len(self.templates or DEFAULT_TEMPLATES)
+        if prompts > MAX_PROMPTS:
+            raise ValueError(f"labels x templates = {prompts} text prompts, over the limit of {MAX_PROMPTS}")
         return self
 
 

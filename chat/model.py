@@ -9,21 +9,21 @@ with special tokens skipped, cut at the separator and stripped.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 from PIL import Image
-from transformers import BatchEncoding, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from chat.convert import ChatSettings
 from chat.generation import TokenQueueStreamer, incremental_text
+from chat.prompt import build_batch_queries, build_query, stop_token_id, tokenize_batch
 from chat.templates import get_template
 
 logger = logging.getLogger(__name__)
 
-IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN = "<img>", "</img>", "<IMG_CONTEXT>"
 MAX_TILES_LIMIT = 40
 History = list[tuple[str, str]]
 
@@ -47,10 +47,7 @@ class ChatModel:
         self.system_message = self.template.system_message if system_message is None else system_message
         self.num_image_token = settings.num_image_token
         self.img_context_token_id = int(model.config.image_token_id)
-        stop_id = tokenizer.convert_tokens_to_ids(self.template.stop_token)
-        if stop_id is None or stop_id == tokenizer.unk_token_id:
-            raise ValueError(f"template stop token {self.template.stop_token!r} is not in the tokenizer")
-        self.stop_token_id = int(stop_id)
+        self.stop_token_id = stop_token_id(tokenizer, self.template)
         self.pad_token_id = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_token_id
         )
@@ -60,6 +57,7 @@ class ChatModel:
             "repetition_penalty": float(llm_config.get("repetition_penalty") or 1.0),
             "top_k": llm_config.get("top_k", 50),
         }
+        self._stream_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chat-stream")
         model.generation_config = GenerationConfig(
             eos_token_id=self.stop_token_id, pad_token_id=self.pad_token_id, max_new_tokens=512
         )
@@ -76,31 +74,19 @@ class ChatModel:
         return self.model.dtype
 
     # ------------------------------------------------------------------ prompts
-    def _question_with_placeholder(self, question: str, n_images: int, history: Sequence | None) -> str:
-        """chat(): ``<image>\\n`` prepended when images are given, no history and no placeholder."""
-        if history is None and n_images > 0 and "<image>" not in question:
-            return "<image>\n" + question
-        return question
-
     def build_prompt(
         self, question: str, num_patches_list: Sequence[int] | None, history: Sequence | None = None
     ) -> str:
-        """The exact prompt ``chat()`` tokenizes (placeholder prepended and image tokens expanded)."""
-        patches = [int(n) for n in (num_patches_list or [])]
-        question = self._question_with_placeholder(question, len(patches), history)
-        return self._expand(
-            self.template.build_prompt(question, history, system_message=self.system_message), patches
+        """The exact prompt ``chat()`` tokenizes: ``<image>\\n`` prepended when images are given, there is
+        no history and the question has no placeholder; each ``<image>`` expanded to its image tokens."""
+        return build_query(
+            self.template,
+            question,
+            num_patches_list=num_patches_list,
+            num_image_token=self.num_image_token,
+            history=history,
+            system_message=self.system_message,
         )
-
-    def _expand(self, query: str, num_patches_list: Sequence[int]) -> str:
-        if query.count("<image>") < len(num_patches_list):
-            raise ValueError(
-                f"{len(num_patches_list)} images, {query.count('<image>')} <image> placeholders in prompt"
-            )
-        for n in num_patches_list:
-            tokens = IMG_START_TOKEN + IMG_CONTEXT_TOKEN * (self.num_image_token * n) + IMG_END_TOKEN
-            query = query.replace("<image>", tokens, 1)
-        return query
 
     # ------------------------------------------------------------------ images
     def tile_images(
@@ -176,9 +162,9 @@ class ChatModel:
             **kwargs,
         )
 
-    def encode(self, queries: Sequence[str]) -> BatchEncoding:
+    def encode(self, queries: Sequence[str]) -> dict[str, torch.Tensor]:
         """Tokenize prompts as the reference does (left padding for batches)."""
-        return self.tokenizer(list(queries), return_tensors="pt", padding=True, padding_side="left")
+        return tokenize_batch(self.tokenizer, list(queries))
 
     @torch.inference_mode()
     def generate_ids(
@@ -190,7 +176,7 @@ class ChatModel:
         streamer: Any = None,
     ) -> list[list[int]]:
         """New token ids per prompt, each cut after its first stop token (post-stop padding dropped)."""
-        inputs = self.encode(queries).to(self.device)
+        inputs = {k: v.to(self.device) for k, v in self.encode(queries).items()}
         extra = {} if pixel_values is None else {"pixel_values": pixel_values.to(self.device, self.dtype)}
         config = generation_config or self.generation_config()
         out = self.model.generate(
@@ -227,12 +213,9 @@ class ChatModel:
         if num_patches_list is None:
             num_patches_list = [len(pixel_values)] if pixel_values is not None else []
         self._check_pixels(pixel_values, num_patches_list)
-        question = self._question_with_placeholder(question, len(num_patches_list), history)
-        history_list = [tuple(turn) for turn in history] if history is not None else None
-        query = self._expand(
-            self.template.build_prompt(question, history_list, system_message=self.system_message),
-            num_patches_list,
-        )
+        if history is None and num_patches_list and "<image>" not in question:
+            question = "<image>\n" + question  # what chat() records in the history
+        query = self.build_prompt(question, num_patches_list, history)
         return question, query, pixel_values
 
     def chat(
@@ -282,7 +265,9 @@ class ChatModel:
     ) -> Iterator[str]:
         """Same arguments as :meth:`chat`; yields text pieces whose concatenation is chat()'s answer.
 
-        Generation runs in a background thread; closing the iterator early stops it at the next token.
+        Generation runs on this model's one long-lived worker thread (streams are served in order; a
+        persistent thread keeps per-thread kernel caches warm); closing the iterator early stops it at the
+        next token.
         """
         _, query, pixel_values = self._prepare(
             question, images, history, pixel_values, num_patches_list, max_num_tiles
@@ -291,19 +276,15 @@ class ChatModel:
             max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p
         )
         streamer = TokenQueueStreamer()
-        worker = threading.Thread(
-            target=streamer.run,
-            args=(self.generate_ids, [query], pixel_values),
-            kwargs={"generation_config": config},
-            daemon=True,
-            name="chat-stream",
+        job = self._stream_worker.submit(
+            streamer.run, self.generate_ids, [query], pixel_values, generation_config=config
         )
-        worker.start()
         try:
             yield from incremental_text(streamer.tokens(), self.tokenizer, self.template, self.stop_token_id)
         finally:
             streamer.cancel()
-            worker.join()
+            if not job.cancel():  # already running: it stops at its next token
+                job.result()
 
     def batch_chat(
         self,
@@ -337,12 +318,13 @@ class ChatModel:
                 f"num_patches_list has {len(num_patches_list)} entries for {len(questions)} questions"
             )
         self._check_pixels(pixel_values, num_patches_list)
-        queries = []
-        for question, n in zip(questions, num_patches_list, strict=True):
-            if pixel_values is not None and "<image>" not in question:
-                question = "<image>\n" + question
-            query = self.template.build_prompt(question, None, system_message=self.system_message)
-            queries.append(self._expand(query, [n]) if pixel_values is not None else query)
+        queries = build_batch_queries(
+            self.template,
+            questions,
+            num_patches_list=None if pixel_values is None else num_patches_list,
+            num_image_token=self.num_image_token,
+            system_message=self.system_message,
+        )
         config = self.generation_config(
             max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p
         )

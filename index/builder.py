@@ -128,10 +128,11 @@ def build_index(
     report = BuildReport()
     plan = Plan()
     walk_errors: list[tuple[str, str, str]] = []
+    seen: set[tuple[int, int]] = set()
     for root in roots:
-        entries = walk([root], on_error=lambda p, r, m: walk_errors.append((p, r, m)))
+        entries = walk([root], lambda p, r, m: walk_errors.append((p, r, m)), within=roots, seen=seen)
         plan_root(entries, index.store.by_root(root, index.view_generation), index.store.failures(root), plan)
-    report.scanned, report.unchanged = plan.scanned, plan.unchanged
+    report.scanned, report.unchanged = plan.scanned + len(walk_errors), plan.unchanged
     report.skipped_files.extend(walk_errors + plan.known_bad)
     logger.info("%d files, %d to read, %d unchanged", plan.scanned, len(plan.work), plan.unchanged)
 

@@ -26,6 +26,8 @@ FLAT = "IDMap2,Flat"
 AUTO_FLAT_MAX = 100_000
 DEFAULT_MEMORY_BUDGET = 8 << 30
 HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 128
+HNSW_EF_SEARCH = 128
 
 
 def gpu_count() -> int:
@@ -46,9 +48,9 @@ def nlist_for(n: int) -> int:
     return nlist if nlist >= 8 else 0
 
 
-def pq_m_for(dim: int) -> int:
-    """PQ sub-quantizer count: ~8 dimensions per sub-quantizer, dividing ``dim``."""
-    for m in range(max(dim // 8, 1), 0, -1):
+def pq_m_for(dim: int, max_m: int = 96) -> int:
+    """PQ sub-quantizer count: ~4 dimensions per sub-quantizer (at most ``max_m``), dividing ``dim``."""
+    for m in range(max(min(dim // 4, max_m), 1), 0, -1):
         if dim % m == 0:
             return m
     return 1
@@ -77,7 +79,7 @@ def choose_factory(index_type: str, n: int, dim: int, memory_budget: int = DEFAU
     if index_type == "ivf-flat":
         return f"IVF{nlist},Flat"
     nbits = 8 if n >= 39 * 256 else 6 if n >= 39 * 64 else 4
-    return f"IVF{nlist},PQ{pq_m_for(dim)}x{nbits}"
+    return f"IVF{nlist},PQ{pq_m_for(dim)}x{nbits}np"  # np: no polysemous training (not used)
 
 
 def is_approximate(factory: str) -> bool:
@@ -92,6 +94,9 @@ def needs_rerank(factory: str) -> bool:
 def new_index(factory: str, dim: int, metric: str, sample: np.ndarray | None = None) -> faiss.Index:
     """An empty index for ``factory``, trained on ``sample`` when it needs training."""
     index = faiss.index_factory(int(dim), factory, METRICS[metric])
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+    if isinstance(inner, faiss.IndexHNSW):
+        inner.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
     if index.is_trained:
         return index
     if sample is None or len(sample) == 0:
@@ -110,7 +115,7 @@ def new_index(factory: str, dim: int, metric: str, sample: np.ndarray | None = N
 def set_search_params(
     index: faiss.Index, k: int, nprobe: int | None = None, ef_search: int | None = None
 ) -> None:
-    """Accuracy knobs: IVF ``nprobe`` (default nlist/16, >= 8), HNSW ``efSearch`` (default max(64, 2k))."""
+    """Accuracy knobs: IVF ``nprobe`` (default nlist/16, >= 8), HNSW ``efSearch`` (default max(128, 2k))."""
     try:
         ivf = faiss.extract_index_ivf(index)
     except RuntimeError:
@@ -119,7 +124,7 @@ def set_search_params(
         ivf.nprobe = int(nprobe or max(8, ivf.nlist // 16))
     inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
     if isinstance(inner, faiss.IndexHNSW):
-        inner.hnsw.efSearch = int(ef_search or max(64, 2 * k))
+        inner.hnsw.efSearch = int(ef_search or max(HNSW_EF_SEARCH, 2 * k))
 
 
 def supports_remove(index: faiss.Index) -> bool:

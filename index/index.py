@@ -16,7 +16,6 @@ leaves the previous or the new index; the next writer rolls back anything newer 
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import sqlite3
@@ -29,45 +28,22 @@ import numpy as np
 
 from index import faiss_index as fx
 from index import maintenance
+from index.manifest import (  # noqa: F401 - the errors are re-exported for ``from index.index import ...``
+    IndexFormatError,
+    IndexLockedError,
+    IndexMismatchError,
+    check_compatible,
+    new_manifest,
+    read_manifest,
+    write_manifest,
+)
+from index.query import QueryMixin
 from index.store import MetaStore
-from index.vectors import VectorStore, atomic_write
+from index.vectors import VectorStore
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "internvl-retrieval-index"
-FORMAT_VERSION = 1
 METRICS = tuple(fx.METRICS)
-RERANK_FACTOR = 4
-
-
-class IndexFormatError(ValueError):
-    """The directory is not an index of this format / version, or its files are inconsistent."""
-
-
-class IndexMismatchError(ValueError):
-    """The index was built with another model, mode or embedding dimension."""
-
-
-class IndexLockedError(RuntimeError):
-    """Another process holds the index's writer lock."""
-
-
-def read_manifest(folder: Path) -> dict:
-    path = Path(folder) / "manifest.json"
-    if not path.exists():
-        raise FileNotFoundError(f"no index at {folder} (manifest.json missing)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise IndexFormatError(f"{path}: unreadable manifest ({exc})") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise IndexFormatError(f"{path}: not an {FORMAT} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise IndexFormatError(
-            f"{folder}: index format version {manifest.get('format_version')} is not supported "
-            f"(this code reads version {FORMAT_VERSION}); rebuild the index"
-        )
-    return manifest
 
 
 def _split_path(row: dict) -> dict:
@@ -78,7 +54,7 @@ def _split_path(row: dict) -> dict:
     return row
 
 
-class Index:
+class Index(QueryMixin):
     """Vector index with row metadata; see the module docstring for the on-disk format."""
 
     def __init__(self, folder: Path, manifest: dict) -> None:
@@ -122,30 +98,10 @@ class Index:
             MetaStore(folder / "meta.sqlite", create=True).close()
         except (PermissionError, sqlite3.OperationalError) as exc:
             raise PermissionError(f"cannot create an index in {folder}: {exc}") from exc
-        factory = fx.FLAT
-        fx.write(fx.new_index(factory, dim, metric), folder / "faiss" / "00000000.faiss")
-        now = time.time()
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "model": model,
-            "mode": mode,
-            "embed_dim": int(dim),
-            "metric": metric,
-            "index_type": index_type,
-            "memory_budget": int(memory_budget),
-            "vector_dtype": "float16",
-            "generation": 0,
-            "count": 0,
-            "faiss_factory": factory,
-            "faiss_file": "faiss/00000000.faiss",
-            "faiss_generation": 0,
-            "faiss_count": 0,
-            "next_segment": 0,
-            "created_at": now,
-            "updated_at": now,
-        }
-        atomic_write(folder / "manifest.json", lambda fh: fh.write(json.dumps(manifest, indent=1).encode()))
+        factory, faiss_file = fx.FLAT, "faiss/00000000.faiss"
+        fx.write(fx.new_index(factory, dim, metric), folder / faiss_file)
+        manifest = new_manifest(dim, metric, model, mode, index_type, memory_budget, factory, faiss_file)
+        write_manifest(folder, manifest)
         index = cls(folder, manifest)
         index._acquire_writer()
         return index
@@ -165,17 +121,7 @@ class Index:
         """
         folder = Path(folder).absolute()
         manifest = read_manifest(folder)
-        checks = (
-            ("model", model, manifest.get("model")),
-            ("mode", mode, manifest.get("mode")),
-            ("embedding dim", dim, manifest.get("embed_dim")),
-        )
-        for what, want, have in checks:
-            if want is not None and have is not None and want != have:
-                raise IndexMismatchError(
-                    f"index at {folder} was built with {what} {have!r}, not {want!r}; "
-                    "use another index directory or rebuild it"
-                )
+        check_compatible(manifest, folder, model=model, dim=dim, mode=mode)
         for attempt in range(3):  # a concurrent save may retire the FAISS file between reads
             try:
                 return cls(folder, manifest if attempt == 0 else read_manifest(folder))
@@ -407,8 +353,7 @@ class Index:
             manifest.update(
                 generation=new_gen, count=self._count, next_segment=next_seg, updated_at=time.time()
             )
-            data = json.dumps(manifest, indent=1).encode()
-            atomic_write(self.dir / "manifest.json", lambda fh: fh.write(data))  # the commit point
+            write_manifest(self.dir, manifest)  # the commit point
             previous = self._manifest
             self._manifest, self._gen = manifest, new_gen
             self._pending, self._pending_n, self._pending_cat = [], 0, None
@@ -438,118 +383,3 @@ class Index:
         for path in (self.dir / "faiss").iterdir():
             if f"faiss/{path.name}" not in keep:
                 path.unlink(missing_ok=True)
-
-    # ------------------------------------------------------------------------------- reads
-    def get(self, ids: Sequence[int]) -> list[dict | None]:
-        """Row dicts (``id``, ``path``, ``root``, ``relpath``, size, mtime_ns, hash, width, height,
-        added_at, extras) in the order of ``ids``; ``None`` for ids not in the index."""
-        found = self.store.get([int(i) for i in ids], self._view)
-        return [found.get(int(i)) for i in ids]
-
-    def get_vectors(self, ids: Sequence[int]) -> np.ndarray:
-        """Stored vectors (float16 precision) as float32 ``(n, D)``; ``KeyError`` for unknown ids."""
-        ids = [int(i) for i in ids]
-        locs = self.store.locations(ids, self._view)
-        missing = [i for i in ids if i not in locs]
-        if missing:
-            raise KeyError(f"ids not in the index: {missing[:10]}")
-        return self.vectors.gather([locs[i] for i in ids], self._pending_map())
-
-    def ids(self) -> np.ndarray:
-        """All ids in the index, ascending."""
-        return np.asarray([i for i, _, _ in self.store.live_locations(self._view)], dtype=np.int64)
-
-    def _pending_map(self) -> dict[int, np.ndarray] | None:
-        if not self._pending:
-            return None
-        if self._pending_cat is None:
-            self._pending_cat = np.concatenate(self._pending)
-        return {self._pending_seg: self._pending_cat}
-
-    def set_search_params(self, *, nprobe: int | None = None, ef_search: int | None = None) -> None:
-        """Accuracy/speed knobs of approximate indexes (IVF ``nprobe``, HNSW ``efSearch``)."""
-        with self._lock:
-            self._search_params = {"nprobe": nprobe, "ef_search": ef_search}
-            self._apply_search_params()
-
-    def _apply_search_params(self) -> None:
-        fx.set_search_params(self._faiss, 64, **self._search_params)
-        self._search_index = None
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, list[list[dict]]]:
-        """Top-``k`` rows for each query ``(Q, D)`` (or ``(D,)``).
-
-        Returns ``ids (Q, k')`` int64, ``scores (Q, k')`` float32 (inner product, or squared L2
-        distance for metric ``l2``) and per query a list of row dicts with ``score``, where
-        ``k' = min(k, len(index))``; an approximate index that finds fewer pads with id -1 / NaN.
-        """
-        q = np.asarray(queries, dtype=np.float32)
-        if q.ndim == 1:
-            q = q[None, :]
-        if q.ndim != 2 or q.shape[1] != self.dim:
-            raise ValueError(f"queries must have shape (Q, {self.dim}), got {np.shape(queries)}")
-        if not np.isfinite(q).all():
-            raise ValueError("queries contain NaN or infinite values")
-        if int(k) < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        q = np.ascontiguousarray(q)
-        kk = min(int(k), self._count)
-        out_ids = np.full((len(q), kk), -1, dtype=np.int64)
-        out_scores = np.full((len(q), kk), np.nan, dtype=np.float32)
-        out_rows: list[list[dict]] = [[] for _ in range(len(q))]
-        if kk == 0 or len(q) == 0:
-            return out_ids, out_scores, out_rows
-        with self._lock if self._writer else _NoLock():
-            dead = set(self._dead)
-            fetch = kk + len(dead)
-            if fx.needs_rerank(self._factory):
-                fetch = max(fetch, kk * RERANK_FACTOR)
-            fetch = min(fetch, int(self._faiss.ntotal))
-            if self._search_index is None:
-                self._search_index = fx.to_search_device(self._faiss)
-            scores, cand = self._search_index.search(q, fetch)
-            if fx.needs_rerank(self._factory):
-                scores, cand = self._rerank(q, cand)
-            rows = self.store.get(np.unique(cand[cand >= 0]).tolist(), self._view)
-        for qi in range(len(q)):
-            j = 0
-            for rid, score in zip(cand[qi], scores[qi], strict=True):
-                row = rows.get(int(rid)) if rid >= 0 and int(rid) not in dead else None
-                if row is None:
-                    continue
-                out_ids[qi, j], out_scores[qi, j] = rid, score
-                out_rows[qi].append({**row, "score": float(score)})
-                j += 1
-                if j == kk:
-                    break
-        return out_ids, out_scores, out_rows
-
-    def _rerank(self, q: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Exact scores for candidate ids from the stored vectors, re-sorted."""
-        uniq = np.unique(cand[cand >= 0])
-        locs = self.store.locations(uniq.tolist(), self._view)
-        known = np.asarray([i for i in uniq.tolist() if i in locs], dtype=np.int64)
-        vecs = self.vectors.gather([locs[int(i)] for i in known], self._pending_map())
-        pos = np.searchsorted(known, cand)
-        ok = (cand >= 0) & (pos < len(known)) & (known[np.minimum(pos, max(len(known) - 1, 0))] == cand)
-        gathered = (
-            vecs[np.minimum(pos, max(len(known) - 1, 0))] if len(known) else np.zeros((*cand.shape, self.dim))
-        )
-        if self.metric == "ip":
-            exact = np.einsum("qd,qkd->qk", q, gathered)
-            exact = np.where(ok, exact, -np.inf)
-            order = np.argsort(-exact, axis=1, kind="stable")
-        else:
-            exact = ((gathered - q[:, None, :]) ** 2).sum(-1)
-            exact = np.where(ok, exact, np.inf)
-            order = np.argsort(exact, axis=1, kind="stable")
-        cand = np.where(ok, cand, -1)
-        return np.take_along_axis(exact, order, 1).astype(np.float32), np.take_along_axis(cand, order, 1)
-
-
-class _NoLock:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

@@ -57,15 +57,20 @@ def walk(
     roots: list[str],
     on_error: OnError | None = None,
     extensions: frozenset[str] | None = None,
+    *,
+    within: list[str] | None = None,
+    seen: set[tuple[int, int]] | None = None,
 ) -> Iterator[FileEntry]:
     """Image files under resolved ``roots``, recursively, in sorted order.
 
-    Symlinks are followed only when their target lies inside one of the roots (cycles are cut);
-    unreadable folders are reported through ``on_error(path, reason, message)``.
+    Symlinks are followed only when their target lies inside one of ``within`` (default: ``roots``);
+    every folder is walked once (``seen`` holds visited folders, shareable between calls), which cuts
+    cycles and duplicate paths; unreadable folders are reported through ``on_error(path, reason, message)``.
     """
     exts = extensions if extensions is not None else supported_extensions()
+    within = roots if within is None else within
+    seen = set() if seen is None else seen
     for root in roots:
-        seen: set[tuple[int, int]] = set()
         stack = [root]
         while stack:
             folder = stack.pop()
@@ -82,7 +87,7 @@ def walk(
                 continue
             subdirs = []
             for entry in entries:
-                if entry.is_symlink() and not any(_inside(os.path.realpath(entry.path), r) for r in roots):
+                if entry.is_symlink() and not any(_inside(os.path.realpath(entry.path), r) for r in within):
                     logger.debug("not following symlink outside the roots: %s", entry.path)
                     continue
                 try:

@@ -94,7 +94,8 @@ def open_image(
             width, height = image.size
             if max_pixels is not None and width * height > max_pixels:
                 raise ImageTooLarge(
-                    f"{label}: image has {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
+                    f"{label}: image has {width}x{height} = {width * height} pixels, "
+                    f"over the limit of {max_pixels}"
                 )
             image.seek(0)
             image.load()

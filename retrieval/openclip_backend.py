@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -24,8 +25,16 @@ from retrieval.torch_encoder import TorchEncoder, check_batch_size, check_texts,
 logger = logging.getLogger(__name__)
 
 
+#: modes PIL's ``convert("RGB")`` mangles (clips to 0..255): rescaled to 8 bit first
+HIGH_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I", "F"})
+
+
 class OpenCLIPImageTransform:
-    """EXIF orientation + RGB conversion, then open_clip's own eval transform (picklable)."""
+    """EXIF orientation, then open_clip's own eval transform (picklable).
+
+    open_clip resizes first and converts to RGB last (an RGBA image is resized with its alpha), so the image
+    is handed over in its own mode for identical pixels; only high-bit modes are converted here.
+    """
 
     def __init__(self, inner: Callable[[Image.Image], torch.Tensor]) -> None:
         self.inner = inner
@@ -33,7 +42,8 @@ class OpenCLIPImageTransform:
     def __call__(self, image: Image.Image) -> torch.Tensor:
         if not isinstance(image, Image.Image):
             raise TypeError(f"expected a PIL image, got {type(image).__name__}")
-        return self.inner(to_rgb(ImageOps.exif_transpose(image)))
+        image = ImageOps.exif_transpose(image)
+        return self.inner(to_rgb(image) if image.mode in HIGH_BIT_MODES else image)
 
 
 class OpenCLIPEncoder(TorchEncoder):
@@ -79,6 +89,17 @@ class OpenCLIPEncoder(TorchEncoder):
         return np.concatenate(out, axis=0)
 
 
+def _weight_error(source: str, message: str) -> WeightMismatchError:
+    """torch's strict-load RuntimeError text -> :class:`WeightMismatchError` with the names listed."""
+
+    def names(label: str) -> list[str]:
+        found = re.search(label + r" key\(s\) in state_dict: (.*?)\.\s*(?:\n|$|Unexpected)", message, re.S)
+        return re.findall(r'"([^"]+)"', found.group(1)) if found else []
+
+    mismatched = re.findall(r"size mismatch for ([^:]+):", message)
+    return WeightMismatchError(source, names("Missing"), names("Unexpected"), mismatched)
+
+
 def load_openclip_encoder(
     path: str | os.PathLike,
     *,
@@ -96,8 +117,8 @@ def load_openclip_encoder(
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(spec, device="cpu")
     except RuntimeError as exc:
-        if "state_dict" in str(exc):
-            raise WeightMismatchError(str(folder), mismatched=[str(exc).splitlines()[0]]) from exc
+        if "Error(s) in loading state_dict" in str(exc):
+            raise _weight_error(str(folder), str(exc)) from exc
         raise ModelLoadError(f"{folder}: open_clip cannot build the model ({exc})") from exc
     try:
         tokenizer = open_clip.get_tokenizer(spec)

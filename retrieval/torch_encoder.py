@@ -77,7 +77,7 @@ class TorchEncoder(Encoder):
     def preprocess(self, image: ImageInput) -> torch.Tensor:
         """A PIL image, path, bytes or file -> float32 tensor (3, S, S); files go through ``open_image``."""
         if not isinstance(image, Image.Image):
-            image = open_image(image)
+            image = open_image(image, convert_rgb=False)  # the transform converts, as the backend expects
         return self.image_transform(image)
 
     def encode_images(self, images: Sequence[ImageInput], batch_size: int = 32) -> np.ndarray:

@@ -72,7 +72,9 @@ def find_captions(data_dir: Path) -> Path:
     raise DataFormatError(f"{data_dir}: no captions.csv or captions.jsonl (pass --captions)")
 
 
-def contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def contrastive_loss(
+    image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
     """Symmetric InfoNCE. Embeddings ``(B, D)`` unnormalised; ``logit_scale`` is the log temperature."""
     image_embeds = F.normalize(image_embeds, dim=-1)
     text_embeds = F.normalize(text_embeds, dim=-1)
@@ -87,8 +89,9 @@ def clamp_logit_scale_(logit_scale: nn.Parameter, max_value: float = MAX_LOGIT_S
     logit_scale.clamp_(0.0, max_value)
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
-                  min_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.0
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up to the base LR, then cosine decay to ``min_ratio`` x base LR at ``total_steps``."""
 
     def factor(step: int) -> float:
@@ -100,7 +103,9 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def recall_at_k(similarity: np.ndarray, relevant: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[int, float]:
+def recall_at_k(
+    similarity: np.ndarray, relevant: np.ndarray, ks: Sequence[int] = (1, 5, 10)
+) -> dict[int, float]:
     """Query->gallery recall@k: share of queries with a relevant item among their top k.
 
     ``similarity`` (Q, G) scores, ``relevant`` (Q, G) boolean. Ties are broken by gallery order.
@@ -121,13 +126,24 @@ def copy_tokenizer(src_dir: Path, out_dir: Path) -> None:
             shutil.copyfile(src_dir / name, out_dir / name)
 
 
-# --- model folders ----------------------------------------------------------------------------------------------
+# --- model folders --------------------------------------------------------------------------------
 #: overrides of the InternVL-14B-224px config that give the tiny CPU-trainable demo architecture
 DEMO_PRESET: dict = {
-    "vision_config": {"hidden_size": 128, "num_attention_heads": 4, "num_hidden_layers": 4,
-                      "intermediate_size": 512, "image_size": 64, "patch_size": 8},
-    "qllama_config": {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 4,
-                      "num_hidden_layers": 3, "intermediate_size": 176},
+    "vision_config": {
+        "hidden_size": 128,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 4,
+        "intermediate_size": 512,
+        "image_size": 64,
+        "patch_size": 8,
+    },
+    "qllama_config": {
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "num_hidden_layers": 3,
+        "intermediate_size": 176,
+    },
     "clip_embed_dim": 128,
     "attn_pool_num_heads": 4,
     "num_query_token": 8,
@@ -144,8 +160,14 @@ def merge_config(base: dict, overrides: dict) -> dict:
     return out
 
 
-def save_checkpoint(model: nn.Module, config_dict: dict, out_dir: str | Path, tokenizer_dir: str | Path,
-                    dtype: torch.dtype = torch.float16, extra: dict | None = None) -> Path:
+def save_checkpoint(
+    model: nn.Module,
+    config_dict: dict,
+    out_dir: str | Path,
+    tokenizer_dir: str | Path,
+    dtype: torch.dtype = torch.float16,
+    extra: dict | None = None,
+) -> Path:
     """Write config.json, model.safetensors (every parameter, in ``dtype``) and tokenizer files.
 
     The weights are written to a temporary file and renamed, so a crash never leaves a half-written file.
@@ -157,13 +179,16 @@ def save_checkpoint(model: nn.Module, config_dict: dict, out_dir: str | Path, to
     state = {k: v.detach().to("cpu", dtype).contiguous().clone() for k, v in model.state_dict().items()}
     tmp = out_dir / "model.safetensors.tmp"
     save_file(state, str(tmp), metadata={"format": "pt"})
+    tmp.chmod(0o644)
     tmp.replace(out_dir / "model.safetensors")
-    (out_dir / "config.json").write_text(json.dumps(config_dict, indent=2, ensure_ascii=False) + "\n",
-                                         encoding="utf-8")
+    (out_dir / "config.json").write_text(
+        json.dumps(config_dict, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
     copy_tokenizer(Path(tokenizer_dir), out_dir)
     if extra is not None:
-        (out_dir / "training.json").write_text(json.dumps(extra, indent=1, ensure_ascii=False) + "\n",
-                                               encoding="utf-8")
+        (out_dir / "training.json").write_text(
+            json.dumps(extra, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
     logger.info("saved checkpoint to %s (%d tensors, %s)", out_dir, len(state), dtype)
     return out_dir
 
@@ -178,7 +203,7 @@ def load_weights(model: nn.Module, folder: str | Path) -> None:
     model.load_state_dict(load_file(str(file)), strict=True)
 
 
-# --- batches --------------------------------------------------------------------------------------------------
+# --- batches --------------------------------------------------------------------------------------
 def random_shift(pixels: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
     """Translate each image of ``(B, 3, S, S)`` by up to ``max_shift`` pixels (edge-replicated border)."""
     if max_shift <= 0:

@@ -18,8 +18,8 @@ import json
 import logging
 import sys
 
+from index import IndexFormatError, IndexLockedError, IndexMismatchError
 from index.faiss_index import INDEX_TYPES
-from index.index import IndexFormatError, IndexLockedError, IndexMismatchError
 from retrieval.images import DEFAULT_MAX_PIXELS
 
 logger = logging.getLogger("build_index")

@@ -34,12 +34,16 @@ LANG_COLUMNS = {"en": "EN", "zh": "ZH", "ja": "JP", "es": "ES", "fr": "FR"}
 
 
 # --- reading ------------------------------------------------------------------------------------------------
-def load_labelled_folder(data: Path, captions: Path | None = None) -> tuple[list[Image.Image], list[dict], dict]:
+def load_labelled_folder(
+    data: Path, captions: Path | None = None
+) -> tuple[list[Image.Image], list[dict], dict]:
     """Images, their records and labels.json; unreadable images are skipped and counted."""
     records = read_records(captions or find_captions(data), required=("file", "caption", "shape", "colour"))
     manifest_path = data / "labels.json"
     if not manifest_path.is_file():
-        raise FileNotFoundError(f"{manifest_path} missing: generate the folder with scripts/generate_shapes.py")
+        raise FileNotFoundError(
+            f"{manifest_path} missing: generate the folder with scripts/generate_shapes.py"
+        )
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     images, kept, skipped = [], [], 0
     for rec in records:
@@ -56,9 +60,17 @@ def load_labelled_folder(data: Path, captions: Path | None = None) -> tuple[list
     return images, kept, manifest
 
 
-# --- the PIL-drawn generalisation set -------------------------------------------------------------------------
-PIL_COLOURS = {"red": "red", "orange": "orange", "yellow": "gold", "green": "green", "blue": "blue",
-               "purple": "purple", "pink": "hotpink", "black": "black"}
+# --- the PIL-drawn generalisation set -------------------------------------------------------------
+PIL_COLOURS = {
+    "red": "red",
+    "orange": "orange",
+    "yellow": "gold",
+    "green": "green",
+    "blue": "blue",
+    "purple": "purple",
+    "pink": "hotpink",
+    "black": "black",
+}
 
 
 def draw_pil_shape(shape: str, colour: str, size: int = 128, rng: random.Random | None = None) -> Image.Image:
@@ -79,8 +91,13 @@ def draw_pil_shape(shape: str, colour: str, size: int = 128, rng: random.Random 
     elif shape == "hexagon":
         d.regular_polygon((cx, cy, r), 6, fill=c)
     elif shape == "star":
-        pts = [(cx + (r if k % 2 == 0 else 0.42 * r) * math.sin(k * math.pi / 5),
-                cy - (r if k % 2 == 0 else 0.42 * r) * math.cos(k * math.pi / 5)) for k in range(10)]
+        pts = [
+            (
+                cx + (r if k % 2 == 0 else 0.42 * r) * math.sin(k * math.pi / 5),
+                cy - (r if k % 2 == 0 else 0.42 * r) * math.cos(k * math.pi / 5),
+            )
+            for k in range(10)
+        ]
         d.polygon(pts, fill=c)
     elif shape == "cross":
         a = 0.33 * r
@@ -108,18 +125,25 @@ def pil_check_set(classes: list[str], per_class: int, seed: int = 0) -> tuple[li
     return images, targets
 
 
-# --- metrics --------------------------------------------------------------------------------------------------
-def evaluate(encoder, images: list[Image.Image], records: list[dict], manifest: dict, *,
-             pil_per_class: int = 2, batch_size: int = 64) -> dict:
+# --- metrics --------------------------------------------------------------------------------------
+def evaluate(
+    encoder,
+    images: list[Image.Image],
+    records: list[dict],
+    manifest: dict,
+    *,
+    pil_per_class: int = 2,
+    batch_size: int = 64,
+) -> dict:
     """Accuracy per label language, recall@1/5/10 (per caption language and overall), PIL check."""
     classes = manifest["classes"]
     class_of = {name: i for i, name in enumerate(classes)}
     targets = np.array([class_of[f"{r['colour']} {r['shape']}"] for r in records])
     out: dict = {"n_images": len(images), "n_classes": len(classes), "accuracy": {}, "recall": {}}
-    for lang, spec in manifest["languages"].items():
-        probs = classify(encoder, images, spec["labels"], spec["templates"])
-        out["accuracy"][lang] = float((np.asarray(probs).argmax(1) == targets).mean())
     img_emb = encoder.encode_images(images, batch_size=batch_size)
+    for lang, spec in manifest["languages"].items():
+        probs = classify(encoder, img_emb, spec["labels"], spec["templates"])
+        out["accuracy"][lang] = float((np.asarray(probs).argmax(1) == targets).mean())
     txt_emb = encoder.encode_texts([r["caption"] for r in records], batch_size=batch_size)
     sims = txt_emb @ img_emb.T
     relevant = targets[:, None] == targets[None, :]
@@ -134,8 +158,11 @@ def evaluate(encoder, images: list[Image.Image], records: list[dict], manifest: 
         en = manifest["languages"].get("en") or next(iter(manifest["languages"].values()))
         probs = classify(encoder, pil_images, en["labels"], en["templates"])
         pred = np.asarray(probs).argmax(1)
-        out["pil"] = {"n_images": len(pil_images), "accuracy": float((pred == np.array(pil_targets)).mean()),
-                      "chance": 1.0 / len(classes)}
+        out["pil"] = {
+            "n_images": len(pil_images),
+            "accuracy": float((pred == np.array(pil_targets)).mean()),
+            "chance": 1.0 / len(classes),
+        }
     return out
 
 
@@ -144,11 +171,18 @@ def markdown_tables(name: str, m: dict) -> str:
     langs = list(m["accuracy"])
     cols = [LANG_COLUMNS.get(lang, lang.upper()) for lang in langs]
     avg = sum(m["accuracy"].values()) / len(langs)
-    lines = [f"Zero-shot colour+shape classification ({m['n_images']} images, {m['n_classes']} classes)", "",
-             "| method | " + " | ".join(cols) + " | avg |", "|---" * (len(cols) + 2) + "|",
-             f"| {name} | " + " | ".join(f"{100 * m['accuracy'][x]:.1f}" for x in langs) + f" | {100 * avg:.1f} |",
-             "", "Text-to-image retrieval (relevant = same colour and shape)", "",
-             "| method | captions | R@1 | R@5 | R@10 |", "|---|---|---|---|---|"]
+    lines = [
+        f"Zero-shot colour+shape classification ({m['n_images']} images, {m['n_classes']} classes)",
+        "",
+        "| method | " + " | ".join(cols) + " | avg |",
+        "|---" * (len(cols) + 2) + "|",
+        f"| {name} | " + " | ".join(f"{100 * m['accuracy'][x]:.1f}" for x in langs) + f" | {100 * avg:.1f} |",
+        "",
+        "Text-to-image retrieval (relevant = same colour and shape)",
+        "",
+        "| method | captions | R@1 | R@5 | R@10 |",
+        "|---|---|---|---|---|",
+    ]
     for lang, r in m["recall"].items():
         label = "all" if lang == "all" else LANG_COLUMNS.get(lang, lang.upper())
         lines.append(f"| {name} | {label} | {100 * r[1]:.1f} | {100 * r[5]:.1f} | {100 * r[10]:.1f} |")
@@ -156,8 +190,11 @@ def markdown_tables(name: str, m: dict) -> str:
     lines.append(f"| {name} | all, exact pair | {100 * e[1]:.1f} | {100 * e[5]:.1f} | {100 * e[10]:.1f} |")
     if "pil" in m:
         p = m["pil"]
-        lines += ["", f"PIL-drawn shapes (unseen renderer, EN labels): {100 * p['accuracy']:.1f}% "
-                  f"of {p['n_images']} (chance {100 * p['chance']:.1f}%)"]
+        lines += [
+            "",
+            f"PIL-drawn shapes (unseen renderer, EN labels): {100 * p['accuracy']:.1f}% "
+            f"of {p['n_images']} (chance {100 * p['chance']:.1f}%)",
+        ]
     return "\n".join(lines)
 
 
@@ -178,7 +215,9 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     encoder = load_encoder(args.model, mode=args.mode)
     images, records, manifest = load_labelled_folder(args.data, args.captions)
-    metrics = evaluate(encoder, images, records, manifest, pil_per_class=args.pil_n, batch_size=args.batch_size)
+    metrics = evaluate(
+        encoder, images, records, manifest, pil_per_class=args.pil_n, batch_size=args.batch_size
+    )
     metrics["model"] = str(args.model)
     metrics["seconds"] = round(time.perf_counter() - start, 1)
     print(markdown_tables(Path(str(args.model)).name or str(args.model), metrics))

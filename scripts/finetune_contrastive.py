@@ -33,8 +33,18 @@ from tqdm import tqdm
 from retrieval.images import ImageDecodeError, open_image
 from retrieval.internvl import InternVLConfig, InternVLModel, InternVLTokenizer, build_transform
 from retrieval.training import (
-    PRESETS, clamp_logit_scale_, contrastive_loss, find_captions, load_weights, merge_config, random_shift,
-    read_records, recall_at_k, save_checkpoint, trim_padding, warmup_cosine,
+    PRESETS,
+    clamp_logit_scale_,
+    contrastive_loss,
+    find_captions,
+    load_weights,
+    merge_config,
+    random_shift,
+    read_records,
+    recall_at_k,
+    save_checkpoint,
+    trim_padding,
+    warmup_cosine,
 )
 
 logger = logging.getLogger("finetune_contrastive")
@@ -42,11 +52,11 @@ FIXTURE_TOKENIZER = Path(__file__).resolve().parents[1] / "tests" / "fixtures" /
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-# --- reading --------------------------------------------------------------------------------------------------
+# --- reading --------------------------------------------------------------------------------------
 class PairImages(Dataset):
     """Index -> (index, transformed image or None when the file cannot be decoded)."""
 
-    def __init__(self, paths: list[Path], transform) -> None:  # noqa: ANN001
+    def __init__(self, paths: list[Path], transform) -> None:
         self.paths, self.transform = paths, transform
 
     def __len__(self) -> int:
@@ -64,8 +74,8 @@ def _collate(items: list) -> list:
     return items
 
 
-def load_pairs(data: Path, captions: Path | None, transform, workers: int, desc: str):  # noqa: ANN001, ANN201
-    """Decode + transform every image once: returns (pixels (N,3,S,S), captions, records); bad files skipped."""
+def load_pairs(data: Path, captions: Path | None, transform, workers: int, desc: str):
+    """Decode + transform every image once -> (pixels (N,3,S,S), captions, records); bad files skipped."""
     records = read_records(captions or find_captions(data))
     paths = [data / r["file"] for r in records]
     loader = DataLoader(PairImages(paths, transform), batch_size=64, num_workers=workers, collate_fn=_collate)
@@ -76,14 +86,15 @@ def load_pairs(data: Path, captions: Path | None, transform, workers: int, desc:
                 kept.append(records[i])
                 pixels.append(tensor)
     if len(kept) < len(records):
-        logger.warning("%s: skipped %d of %d images that could not be read", desc, len(records) - len(kept),
-                       len(records))
+        logger.warning(
+            "%s: skipped %d of %d images that could not be read", desc, len(records) - len(kept), len(records)
+        )
     if not kept:
         raise ValueError(f"{data}: no readable images")
     return torch.stack(pixels), [r["caption"] for r in kept], kept
 
 
-# --- model ----------------------------------------------------------------------------------------------------
+# --- model ----------------------------------------------------------------------------------------
 def build_model(args: argparse.Namespace) -> tuple[InternVLModel, InternVLConfig, Path]:
     """From ``--init`` folder (strict load), or a fresh model from ``--config`` JSON / ``--preset``."""
     if args.init:
@@ -108,7 +119,23 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-# --- evaluation -----------------------------------------------------------------------------------------------
+def batch_loss(
+    model: InternVLModel, pixels: torch.Tensor, ids: torch.Tensor, g_weight: float
+) -> torch.Tensor:
+    """InfoNCE of the C image embedding + ``g_weight`` x InfoNCE of the G embedding (one vision pass)."""
+    tokens = model.vision_tokens(pixels)  # (B, 1+g², Cv)
+    text = model.encode_text(ids)  # (B, D)
+    image_c = model.clip_projector(tokens)  # (B, D)
+    loss = contrastive_loss(image_c, text, model.logit_scale)
+    if g_weight > 0:
+        norm = torch.nn.functional.normalize
+        queries = model.clip_projector2(model.query_hidden_states(tokens))  # (B, D)
+        image_g = norm(queries, dim=-1) + norm(image_c, dim=-1)
+        loss = loss + g_weight * contrastive_loss(image_g, text, model.logit_scale)
+    return loss
+
+
+# --- evaluation -----------------------------------------------------------------------------------
 @torch.no_grad()
 def embed(model: InternVLModel, pixels: torch.Tensor, ids: torch.Tensor, batch: int = 256):  # noqa: ANN201
     """L2-normalised C-mode image and text embeddings, float32 numpy."""
@@ -120,7 +147,7 @@ def embed(model: InternVLModel, pixels: torch.Tensor, ids: torch.Tensor, batch: 
     return norm(img.float(), dim=-1).numpy(), norm(txt.float(), dim=-1).numpy()
 
 
-def text_to_image_recall(model, pixels, ids, records, match: list[str]) -> dict[int, float]:  # noqa: ANN001
+def text_to_image_recall(model, pixels, ids, records, match: list[str]) -> dict[int, float]:
     """Recall@1/5 of each caption's image; with ``match`` columns, any image equal on them counts."""
     img, txt = embed(model, pixels, ids)
     if match:
@@ -131,7 +158,7 @@ def text_to_image_recall(model, pixels, ids, records, match: list[str]) -> dict[
     return recall_at_k(txt @ img.T, relevant, ks=(1, 5))
 
 
-# --- training -------------------------------------------------------------------------------------------------
+# --- training -------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", type=Path, required=True, help="image folder with captions.csv/.jsonl")
@@ -150,6 +177,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--min-lr-ratio", type=float, default=0.0)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup", type=int, default=50, help="warm-up steps")
+    p.add_argument("--g-loss-weight", type=float, default=0.0, help="also train the InternVL-G image branch")
     p.add_argument("--augment-shift", type=int, default=0, help="max random shift in pixels (train only)")
     p.add_argument("--eval-data", type=Path, default=None, help="held-out folder for periodic recall")
     p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0 = end only)")
@@ -163,6 +191,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Train, save, and return ``{seconds, history, out, model}``."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.threads > 0:
@@ -170,16 +199,20 @@ def main(argv: list[str] | None = None) -> dict:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
 
+    captions_file = args.captions or find_captions(args.data)  # fail on bad data before building the model
     model, config, tok_dir = build_model(args)
     tokenizer = InternVLTokenizer.from_pretrained(tok_dir)
     transform = build_transform("retrieval", config.image_size)
-    pixels, captions, _ = load_pairs(args.data, args.captions, transform, args.workers, "train")
+    pixels, captions, _ = load_pairs(args.data, captions_file, transform, args.workers, "train")
     ids = tokenizer(captions)
     if int(((ids > 0).sum(1) == ids.shape[1]).sum()):
-        logger.warning("%d captions were truncated to %d tokens", int(((ids > 0).sum(1) == ids.shape[1]).sum()),
-                       ids.shape[1])
+        logger.warning(
+            "%d captions were truncated to %d tokens",
+            int(((ids > 0).sum(1) == ids.shape[1]).sum()),
+            ids.shape[1],
+        )
     evalset = None
     if args.eval_data:
         e_pix, e_caps, e_recs = load_pairs(args.eval_data, None, transform, args.workers, "eval")
@@ -189,7 +222,9 @@ def main(argv: list[str] | None = None) -> dict:
     n = len(captions)
     per_step = args.batch_size * args.accum
     steps = args.steps or max(1, math.ceil(args.epochs * n / per_step))
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.98), eps=1e-6
+    )
     scheduler = warmup_cosine(optimizer, min(args.warmup, steps // 2), steps, args.min_lr_ratio)
     order_rng = np.random.default_rng(args.seed)
     aug_gen = torch.Generator().manual_seed(args.seed)
@@ -205,32 +240,45 @@ def main(argv: list[str] | None = None) -> dict:
             idx = torch.from_numpy(order[cursor : cursor + min(args.batch_size, n)])
             cursor += args.batch_size
             px = random_shift(pixels[idx], args.augment_shift, aug_gen)
-            loss = contrastive_loss(model.encode_image_c(px), model.encode_text(trim_padding(ids[idx])),
-                                    model.logit_scale) / args.accum
+            loss = batch_loss(model, px, trim_padding(ids[idx]), args.g_loss_weight) / args.accum
             loss.backward()
-            total += float(loss)
+            total += loss.item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         clamp_logit_scale_(model.logit_scale)
-        bar.set_postfix(loss=f"{total:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                        scale=f"{model.logit_scale.exp().item():.1f}",
-                        img_s=f"{per_step / (time.perf_counter() - t0):.0f}")
+        bar.set_postfix(
+            loss=f"{total:.3f}",
+            lr=f"{scheduler.get_last_lr()[0]:.2e}",
+            scale=f"{model.logit_scale.exp().item():.1f}",
+            img_s=f"{per_step / (time.perf_counter() - t0):.0f}",
+        )
         history.append({"step": step + 1, "loss": round(total, 5)})
         last = step + 1 == steps
         if evalset is not None and ((args.eval_every and (step + 1) % args.eval_every == 0) or last):
             r = text_to_image_recall(model, *evalset, match)
             history[-1].update({"recall@1": r[1], "recall@5": r[5]})
-            tqdm.write(f"step {step + 1}: loss {total:.4f}  text->image R@1 {100 * r[1]:.1f}  R@5 {100 * r[5]:.1f}")
+            tqdm.write(
+                f"step {step + 1}: loss {total:.4f}  text->image R@1 {100 * r[1]:.1f}  R@5 {100 * r[5]:.1f}"
+            )
         if last or (args.save_every and (step + 1) % args.save_every == 0):
-            info = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-                    "args": {k: str(v) for k, v in vars(args).items()}, "train_pairs": n, "steps": step + 1,
-                    "seconds": round(time.perf_counter() - start, 1), "history": history}
+            info = {
+                "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "train_pairs": n,
+                "steps": step + 1,
+                "seconds": round(time.perf_counter() - start, 1),
+                "cpu_seconds": round(time.process_time() - cpu_start, 1),
+                "history": history,
+            }
             save_checkpoint(model, config.to_dict(), args.out, tok_dir, DTYPES[args.save_dtype], extra=info)
     seconds = time.perf_counter() - start
-    print(f"trained {steps} steps on {n} pairs in {seconds / 60:.1f} min; final loss {history[-1]['loss']:.4f}; "
-          f"saved to {args.out}")
-    return {"seconds": seconds, "history": history, "out": str(args.out)}
+    cpu = time.process_time() - cpu_start
+    print(
+        f"trained {steps} steps on {n} pairs in {seconds / 60:.1f} min wall ({cpu / 60:.1f} min CPU time); "
+        f"final loss {history[-1]['loss']:.4f}; saved to {args.out}"
+    )
+    return {"seconds": seconds, "history": history, "out": str(args.out), "model": model.eval()}
 
 
 if __name__ == "__main__":

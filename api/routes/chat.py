@@ -25,6 +25,21 @@ _SSE_DOC = (
     '`event: sources` carrying `{"sources": [...]}` (or `event: error` with `{"detail": ...}`).'
 )
 
+#: one server-sent event (OpenAPI 3.1: the stream's ``schema`` describes each event)
+_SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "event": {"type": "string", "enum": ["message", "sources", "error"]},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "description": 'JSON: {"text": piece} (message), {"sources": [...]} (sources), '
+            '{"detail": ...} (error)',
+        },
+    },
+}
+
 
 def sse(data: dict, event: str | None = None) -> bytes:
     """One server-sent event with a JSON payload."""
@@ -157,8 +172,8 @@ async def _event_stream(service: Service, sources: list[dict], pieces: Iterator[
     dependencies=[AuthDep],
     description=_SSE_DOC,
     responses={
-        200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
-        **error_responses(401, 413, 422, 503),
+        200: {"content": {"text/event-stream": {"schema": _SSE_EVENT}}},
+        **error_responses(400, 401, 413, 422, 503),
     },
 )
 async def chat(req: ChatRequest, service: ServiceDep) -> Any:

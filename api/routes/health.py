@@ -11,6 +11,12 @@ from api.schemas import HealthResponse, ModelsInfo
 router = APIRouter(tags=["health"])
 
 
+def _chat_name(model: object, path: str | None) -> str | None:
+    if model is None:
+        return None
+    return getattr(model, "name", None) or path or repr(model)
+
+
 @router.get("/health", response_model=HealthResponse)
 async def health(service: ServiceDep) -> HealthResponse:
     """Readiness: loaded models, device, index size."""
@@ -23,9 +29,7 @@ async def health(service: ServiceDep) -> HealthResponse:
             encoder=getattr(enc, "name", None),
             encoder_mode=getattr(enc, "mode", None),
             embed_dim=getattr(enc, "embed_dim", None),
-            chat=getattr(service.chat_model, "name", None) or service.settings.chat_model
-            if service.chat_model is not None
-            else None,
+            chat=_chat_name(service.chat_model, service.settings.chat_model),
         ),
         device=str(enc.device) if enc is not None else None,
         index_size=len(index) if index is not None else 0,

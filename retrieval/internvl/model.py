@@ -129,6 +129,7 @@ class InternVLModel(nn.Module):
         """
         config = InternVLConfig.from_pretrained(path)
         state = load_state_dict(path)
+        _align_vision_flags(config, state)
         with torch.device("meta"):
             model = cls(config)
         _adapt_position_embedding(model, state)
@@ -145,6 +146,26 @@ class InternVLModel(nn.Module):
         self.config.save_pretrained(path)
         state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in self.state_dict().items()}
         save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
+
+def _align_vision_flags(config: InternVLConfig, state: dict[str, torch.Tensor]) -> None:
+    """Take InternViT's norm type from the stored tensors when the config's ``norm_type`` disagrees.
+
+    The clip_benchmark InternViT ignores ``norm_type`` (always RMSNorm, weight only); later InternViT
+    versions honour it (LayerNorm, weight + bias). ``norm1.bias`` in the file tells which code wrote it.
+    Other flags (``qkv_bias``, ``qk_normalization``) are read by both, so a mismatch there is an error
+    reported by the strict load.
+    """
+    key = "vision_model.encoder.layers.0.norm1."
+    if key + "weight" not in state:
+        return  # no vision layers stored: the strict check reports it
+    stored = "layer_norm" if key + "bias" in state else "rms_norm"
+    if config.vision_config.norm_type != stored:
+        logger.warning(
+            "vision_config.norm_type=%r but the stored norms are %s; using %r",
+            config.vision_config.norm_type, stored, stored,
+        )  # fmt: skip
+        config.vision_config.norm_type = stored
 
 
 def _adapt_position_embedding(model: InternVLModel, state: dict[str, torch.Tensor]) -> None:

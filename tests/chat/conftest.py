@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,15 +63,23 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol
     return worst
 
 
-@pytest.fixture(scope="session", params=CHAT_FIXTURES)
-def golden(request: pytest.FixtureRequest) -> GoldenChat:
-    """Each golden fixture with its model loaded in fp32 on CPU (the precision the fixtures were made in)."""
-    torch.manual_seed(0)
-    path = FIXTURES / request.param
+@pytest.fixture(scope="package", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """Tiny models run fastest (and bit-reproducibly) on one thread, especially on a shared busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@functools.cache
+def load_golden(name: str) -> GoldenChat:
+    """A golden fixture with its model loaded in fp32 on CPU (the precision the fixtures were made in)."""
+    path = FIXTURES / name
     prompts = json.loads((path / "prompts.json").read_text(encoding="utf-8"))
     model = load_chat_model(path, device="cpu", dtype=torch.float32)
     return GoldenChat(
-        name=request.param,
+        name=name,
         path=path,
         prompts=prompts,
         expected=load_file(path / "expected.safetensors"),
@@ -77,3 +87,15 @@ def golden(request: pytest.FixtureRequest) -> GoldenChat:
         model=model,
         cases={case["name"]: case for case in prompts["cases"]},
     )
+
+
+@pytest.fixture(scope="session", params=CHAT_FIXTURES)
+def golden(request: pytest.FixtureRequest) -> GoldenChat:
+    """Each of the three golden fixtures, loaded once per session."""
+    return load_golden(request.param)
+
+
+@pytest.fixture(scope="session")
+def golden_tiny() -> GoldenChat:
+    """The LLaMA / Hermes-2 fixture only (for tests that need one model, not all three)."""
+    return load_golden("internvl_chat_tiny")

@@ -18,6 +18,7 @@ from chat.prompt import (
     image_tokens,
     load_tokenizer,
     postprocess_response,
+    stop_token_id,
     tokenize_batch,
 )
 
@@ -48,7 +49,7 @@ def _queries(name: str) -> list[tuple[str, str]]:
 
 
 @pytest.fixture(scope="module", params=CHAT_FIXTURES)
-def fixture(request: pytest.FixtureRequest) -> dict:
+def golden_prompts(request: pytest.FixtureRequest) -> dict:
     name = request.param
     return {
         "name": name,
@@ -58,8 +59,8 @@ def fixture(request: pytest.FixtureRequest) -> dict:
     }
 
 
-def test_build_query_equals_every_chat_case(fixture: dict) -> None:
-    p = fixture["prompts"]
+def test_build_query_equals_every_chat_case(golden_prompts: dict) -> None:
+    p = golden_prompts["prompts"]
     cases = [c for c in p["cases"] if c["method"] == "chat"]
     assert len(cases) == 9
     for case in cases:
@@ -71,8 +72,8 @@ def test_build_query_equals_every_chat_case(fixture: dict) -> None:
         assert query.count("<IMG_CONTEXT>") == p["num_image_token"] * sum(case["effective_num_patches_list"])
 
 
-def test_build_batch_queries_equals_batch_case(fixture: dict) -> None:
-    p = fixture["prompts"]
+def test_build_batch_queries_equals_batch_case(golden_prompts: dict) -> None:
+    p = golden_prompts["prompts"]
     (case,) = [c for c in p["cases"] if c["method"] == "batch_chat"]
     queries = build_batch_queries(
         p["template"], case["questions"], num_patches_list=case["num_patches_list_arg"],
@@ -81,31 +82,31 @@ def test_build_batch_queries_equals_batch_case(fixture: dict) -> None:
     assert queries == case["queries"]
 
 
-def test_token_ids_exact(fixture: dict) -> None:
-    tok, expected = fixture["tokenizer"], fixture["expected"]
-    for key, query in _queries(fixture["name"]):
+def test_token_ids_exact(golden_prompts: dict) -> None:
+    tok, expected = golden_prompts["tokenizer"], golden_prompts["expected"]
+    for key, query in _queries(golden_prompts["name"]):
         assert tok(query)["input_ids"] == expected[f"{key}.input_ids"].tolist(), key
 
 
-def test_autotokenizer_gives_the_same_ids(fixture: dict) -> None:
-    auto = AutoTokenizer.from_pretrained(str(FIXTURES / fixture["name"]), trust_remote_code=False)
-    for key, query in _queries(fixture["name"]):
-        assert auto(query)["input_ids"] == fixture["expected"][f"{key}.input_ids"].tolist(), key
+def test_autotokenizer_gives_the_same_ids(golden_prompts: dict) -> None:
+    auto = AutoTokenizer.from_pretrained(str(FIXTURES / golden_prompts["name"]), trust_remote_code=False)
+    for key, query in _queries(golden_prompts["name"]):
+        assert auto(query)["input_ids"] == golden_prompts["expected"][f"{key}.input_ids"].tolist(), key
 
 
-def test_left_padded_batch_ids_and_mask(fixture: dict) -> None:
-    (case,) = [c for c in fixture["prompts"]["cases"] if c["method"] == "batch_chat"]
-    batch = tokenize_batch(fixture["tokenizer"], case["queries"])
+def test_left_padded_batch_ids_and_mask(golden_prompts: dict) -> None:
+    (case,) = [c for c in golden_prompts["prompts"]["cases"] if c["method"] == "batch_chat"]
+    batch = tokenize_batch(golden_prompts["tokenizer"], case["queries"])
     assert batch["input_ids"].tolist() == case["input_ids_padded"]
     assert batch["attention_mask"].tolist() == case["attention_mask"]
     for i, sample in enumerate(case["samples"]):
         assert batch["attention_mask"][i].tolist().count(0) == sample["n_pad_left"]
-    hf = fixture["tokenizer"](case["queries"], padding=True, padding_side="left")
+    hf = golden_prompts["tokenizer"](case["queries"], padding=True, padding_side="left")
     assert hf["input_ids"] == case["input_ids_padded"] and hf["attention_mask"] == case["attention_mask"]
 
 
-def test_decoded_text_and_response(fixture: dict) -> None:
-    p, tok = fixture["prompts"], fixture["tokenizer"]
+def test_decoded_text_and_response(golden_prompts: dict) -> None:
+    p, tok = golden_prompts["prompts"], golden_prompts["tokenizer"]
     for case in p["cases"]:
         responses = [case["response"]] if case["method"] == "chat" else case["responses"]
         for sample, response in zip(case["samples"], responses, strict=True):
@@ -114,8 +115,8 @@ def test_decoded_text_and_response(fixture: dict) -> None:
             assert postprocess_response(decoded, p["template"]) == response, case["name"]
 
 
-def test_history_out_feeds_next_turn(fixture: dict) -> None:
-    cases = {c["name"]: c for c in fixture["prompts"]["cases"]}
+def test_history_out_feeds_next_turn(golden_prompts: dict) -> None:
+    cases = {c["name"]: c for c in golden_prompts["prompts"]["cases"]}
     for first, second in [("text_only", "text_multi_turn"), ("image_multi_turn_1", "image_multi_turn_2")]:
         assert cases[second]["history_in"] == cases[first]["history_out"]
 
@@ -208,3 +209,23 @@ def test_unknown_remote_code_tokenizer_is_a_clear_error(tmp_path: Path) -> None:
         load_tokenizer(folder)
     with pytest.raises(ValueError, match="not a model folder"):
         load_tokenizer(tmp_path / "missing")
+
+
+def test_stop_token_falls_back_to_eos_when_template_has_none() -> None:
+    tok = load_tokenizer(FIXTURES / "internvl_chat_tiny")
+    assert stop_token_id(tok, "vicuna_v1.1") == tok.eos_token_id == 2  # sep " " strips to ""
+    assert stop_token_id(tok, "phi3-chat") == tok.eos_token_id  # <|end|> is not in this vocabulary
+
+
+class _NoPadTokenizer:
+    pad_token_id = None
+    eos_token_id = 9
+
+    def __call__(self, text: str) -> dict:
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def test_tokenize_batch_pads_left_with_eos_when_no_pad_token() -> None:
+    batch = tokenize_batch(_NoPadTokenizer(), ["ab", "c"])
+    assert batch["input_ids"].tolist() == [[97, 98], [9, 99]]
+    assert batch["attention_mask"].tolist() == [[1, 1], [0, 1]]

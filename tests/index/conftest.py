@@ -34,7 +34,9 @@ def make_image(path: Path, seed: int) -> Path:
     arr = np.kron(blocks, np.ones((h // 4 + 1, w // 4 + 1, 1), dtype=np.uint8))[:h, :w]
     arr = np.clip(arr.astype(int) + rng.integers(-20, 21, size=arr.shape), 0, 255).astype(np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr).save(path, quality=95) if path.suffix in (".jpg", ".jpeg") else Image.fromarray(arr).save(path)
+    Image.fromarray(arr).save(path, quality=95) if path.suffix in (".jpg", ".jpeg") else Image.fromarray(
+        arr
+    ).save(path)
     return path
 
 

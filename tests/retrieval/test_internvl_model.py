@@ -1,4 +1,4 @@
-"""InternVLModel built from configs: every config option, persistence (single/sharded), strict loading, training."""
+"""InternVLModel from configs: every config option, persistence (single/sharded), strict loading, training."""
 
 from __future__ import annotations
 
@@ -62,12 +62,20 @@ def test_parameter_names_equal_checkpoint() -> None:
     model = InternVLModel(InternVLConfig.from_pretrained(TINY))
     stored = load_file(str(TINY / "model.safetensors"))
     assert set(model.state_dict()) == set(stored)
-    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == {k: tuple(v.shape) for k, v in stored.items()}
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in stored.items()
+    }
 
 
 @pytest.mark.parametrize(
     "vision",
-    [{}, {"qkv_bias": True}, {"norm_type": "layer_norm"}, {"qk_normalization": False}, {"hidden_act": "gelu"}],
+    [
+        {},
+        {"qkv_bias": True},
+        {"norm_type": "layer_norm"},
+        {"qk_normalization": False},
+        {"hidden_act": "gelu"},
+    ],
     ids=["default", "qkv_bias", "layer_norm", "no_qk_norm", "gelu"],
 )
 def test_variants_build_and_round_trip(tmp_path: Path, vision: dict) -> None:
@@ -102,8 +110,14 @@ def test_random_init_is_sane_and_trainable() -> None:
     assert torch.isclose(model.logit_scale.exp(), torch.tensor(1 / 0.07))
     loss = model(pixels, ids)[0].logsumexp(1).mean() + image.sum()
     loss.backward()
-    for name in ("query_tokens", "text_projection", "logit_scale", "clip_projector2.cross_attn.q_bias",
-                 "vision_model.embeddings.patch_embedding.weight", "qllama.model.layers.0.cross_attn.k_proj.weight"):
+    for name in (
+        "query_tokens",
+        "text_projection",
+        "logit_scale",
+        "clip_projector2.cross_attn.q_bias",
+        "vision_model.embeddings.patch_embedding.weight",
+        "qllama.model.layers.0.cross_attn.k_proj.weight",
+    ):
         grad = model.get_parameter(name).grad
         assert grad is not None and grad.abs().sum() > 0, name
 
@@ -161,7 +175,11 @@ def test_missing_and_unexpected_weights_are_listed(tmp_path: Path) -> None:
         InternVLModel.from_pretrained(tmp_path / "bad")
     message = str(info.value)
     assert "text_projection" in message and "vision_model.encoder.layers.1.ls2" in message
-    assert "surprise.weight" in message and "missing weights (2)" in message and "unexpected weights (1)" in message
+    assert (
+        "surprise.weight" in message
+        and "missing weights (2)" in message
+        and "unexpected weights (1)" in message
+    )
     assert info.value.missing == ["text_projection", "vision_model.encoder.layers.1.ls2"]
 
 
@@ -210,3 +228,16 @@ def test_half_precision_load_keeps_float32_rotary() -> None:
     ids = torch.tensor([[1, 5, 2, 0]])
     with torch.no_grad():
         assert torch.isfinite(model.encode_text(ids).float()).all()
+
+
+@pytest.mark.parametrize(("saved_as", "config_says"), [("layer_norm", "rms_norm"), ("rms_norm", "layer_norm")])
+def test_norm_type_follows_the_stored_weights(tmp_path: Path, saved_as: str, config_says: str) -> None:
+    """clip_benchmark's InternViT ignores norm_type (RMSNorm, no bias); later versions honour it (bias)."""
+    model = InternVLModel(tiny_config({"norm_type": saved_as}))
+    model.save_pretrained(tmp_path)
+    tiny_config({"norm_type": config_says}).save_pretrained(tmp_path)
+    loaded = InternVLModel.from_pretrained(tmp_path)
+    assert loaded.config.vision_config.norm_type == saved_as
+    pixels, _ = _inputs(loaded.config)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image_c(pixels), model.eval().encode_image_c(pixels))

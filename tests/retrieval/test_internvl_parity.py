@@ -45,7 +45,10 @@ def test_vision_tower(golden: Golden, golden_model) -> None:  # noqa: ANN001
 def test_image_embeddings(golden: Golden, golden_model) -> None:  # noqa: ANN001
     e = golden.expected
     with torch.no_grad():
-        for suffix, pixels in (("", e["pixel_values_retrieval"]), ("_classification", e["pixel_values_classification"])):
+        for suffix, pixels in (
+            ("", e["pixel_values_retrieval"]),
+            ("_classification", e["pixel_values_classification"]),
+        ):
             assert_matches(golden_model.encode_image_c(pixels), e[f"image_embeds_c{suffix}"], f"c{suffix}")
             assert_matches(golden_model.encode_image_g(pixels), e[f"image_embeds_g{suffix}"], f"g{suffix}")
 
@@ -55,13 +58,17 @@ def test_qllama_query_branch(golden: Golden, golden_model) -> None:  # noqa: ANN
     with torch.no_grad():
         queries = golden_model.query_hidden_states(e["vision_last_hidden_state"])
         assert_matches(queries, e["qllama_query_hidden"], "qllama_query_hidden")
-        assert_matches(golden_model.clip_projector2(queries), e["image_embeds_g_query_branch"], "query_branch")
+        assert_matches(
+            golden_model.clip_projector2(queries), e["image_embeds_g_query_branch"], "query_branch"
+        )
 
 
 def test_text_tower(golden: Golden, golden_model) -> None:  # noqa: ANN001
     e = golden.expected
     with torch.no_grad():
-        assert_matches(golden_model.text_hidden_states(e["input_ids"]), e["text_last_hidden_state"], "text_hidden")
+        assert_matches(
+            golden_model.text_hidden_states(e["input_ids"]), e["text_last_hidden_state"], "text_hidden"
+        )
         assert_matches(golden_model.encode_text(e["input_ids"]), e["text_embeds"], "text_embeds")
 
 

@@ -8,13 +8,12 @@ import json
 import random
 from pathlib import Path
 
+import generate_shapes as gs
 import numpy as np
 import pytest
 import sentencepiece as spm
-from PIL import Image
-
-import generate_shapes as gs
 import shapes_vocab as vocab
+from PIL import Image
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "internvl_cg_tiny"
 
@@ -69,9 +68,13 @@ def test_every_caption_is_short_for_the_real_tokenizer() -> None:
     longest = 0
     for lang in vocab.LANGUAGES:
         for _ in range(300):
-            spec = {"shape": rng.choice(vocab.SHAPES), "colour": rng.choice(list(vocab.COLOURS)),
-                    "size": rng.choice(vocab.SIZES), "position": rng.choice(vocab.POSITIONS),
-                    "background": rng.choice(vocab.BACKGROUNDS)}
+            spec = {
+                "shape": rng.choice(vocab.SHAPES),
+                "colour": rng.choice(list(vocab.COLOURS)),
+                "size": rng.choice(vocab.SIZES),
+                "position": rng.choice(vocab.POSITIONS),
+                "background": rng.choice(vocab.BACKGROUNDS),
+            }
             text = vocab.caption(spec, lang, rng)
             longest = max(longest, len(sp.encode("summarize:" + text)) + 2)  # + BOS/EOS
             assert sp.unk_id() not in sp.encode(text)
@@ -91,8 +94,16 @@ def test_mask_area_matches_geometry() -> None:
 
 def test_shape_colour_is_on_the_pixels(tmp_path: Path) -> None:
     rng = random.Random(5)
-    spec = gs.sample_spec(rng) | {"colour": "blue", "background": "plain", "width": 80, "height": 80,
-                                  "cx": 40.0, "cy": 40.0, "r": 25.0, "shape": "circle"}
+    spec = gs.sample_spec(rng) | {
+        "colour": "blue",
+        "background": "plain",
+        "width": 80,
+        "height": 80,
+        "cx": 40.0,
+        "cy": 40.0,
+        "r": 25.0,
+        "shape": "circle",
+    }
     px = np.asarray(gs.render(spec, rng)).astype(int)
     r, g, b = px[40, 40]
     assert b > 150 and r < 100 and g < 130
