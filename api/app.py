@@ -83,8 +83,13 @@ async def _load(
         await holder.load()
         service.index = holder
         if s.reload_interval_s > 0:
-            on_error = lambda exc: service.metrics.index_reloads.labels(result="error").inc()  # noqa: E731
-            service.background.append(asyncio.create_task(holder.watch(s.reload_interval_s, on_error)))
+            reloads = service.metrics.index_reloads
+            watch = holder.watch(
+                s.reload_interval_s,
+                on_error=lambda exc: reloads.labels(result="error").inc(),
+                on_reload=lambda: reloads.labels(result="ok").inc(),
+            )
+            service.background.append(asyncio.create_task(watch))
     if encoder is not None:
         service.setup_batchers()
         for batcher in (service.text_batcher, service.image_batcher):

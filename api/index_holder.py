@@ -79,12 +79,18 @@ class IndexHolder:
             )
             return True
 
-    async def watch(self, interval_s: float, on_error: Callable[[Exception], None] | None = None) -> None:
+    async def watch(
+        self,
+        interval_s: float,
+        on_error: Callable[[Exception], None] | None = None,
+        on_reload: Callable[[], None] | None = None,
+    ) -> None:
         """Poll the manifest every ``interval_s`` seconds and reload when its contents change."""
         while True:
             await asyncio.sleep(interval_s)
             try:
-                await self.reload(force=False)
+                if await self.reload(force=False) and on_reload is not None:
+                    on_reload()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a half-written or broken index: keep serving the old one

@@ -1,4 +1,4 @@
-"""Streaming helpers: a token queue fed by ``generate()`` in a worker thread, and incremental detokenisation.
+"""Token-by-token decoding (KV cache, in the caller's thread) and incremental detokenisation for streaming.
 
 The pieces :func:`incremental_text` yields concatenate to exactly the answer that ``chat()`` returns
 (decoded with special tokens skipped, cut at the separator, stripped): text is released only once it can
@@ -9,71 +9,90 @@ character, no partial separator).
 from __future__ import annotations
 
 import logging
-import queue
-import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase
-from transformers.generation.streamers import BaseStreamer
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 logger = logging.getLogger(__name__)
 
-_END = object()
+
+class NewTokensRepetitionPenalty(LogitsProcessor):
+    """``repetition_penalty`` over the generated tokens only (not the prompt), as the reference applies it:
+    its LLM ``generate()`` gets ``inputs_embeds`` only, so it never sees the prompt ids."""
+
+    def __init__(self, penalty: float, prompt_length: int) -> None:
+        self.inner = RepetitionPenaltyLogitsProcessor(penalty)
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return self.inner(input_ids[:, self.prompt_length :], scores)
 
 
-class GenerationCancelled(Exception):
-    """Raised inside ``generate()`` (from the streamer) when the consumer stopped reading."""
+def logits_processors(config: GenerationConfig, prompt_length: int) -> LogitsProcessorList:
+    """The processors ``generate()`` applies for ``config``, in its order (penalty, temperature, top-k,
+    top-p), the repetition penalty restricted to new tokens."""
+    out = LogitsProcessorList()
+    if config.repetition_penalty not in (None, 1.0):
+        out.append(NewTokensRepetitionPenalty(config.repetition_penalty, prompt_length))
+    if config.do_sample:
+        if config.temperature not in (None, 1.0):
+            out.append(TemperatureLogitsWarper(config.temperature))
+        if config.top_k:
+            out.append(TopKLogitsWarper(top_k=config.top_k))
+        if config.top_p is not None and config.top_p < 1.0:
+            out.append(TopPLogitsWarper(top_p=config.top_p))
+    return out
 
 
-class TokenQueueStreamer(BaseStreamer):
-    """``generate(streamer=...)`` target: new token ids go to a queue read by :meth:`tokens`."""
+@torch.inference_mode()
+def iter_new_tokens(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    config: GenerationConfig,
+    *,
+    pixel_values: torch.Tensor | None = None,
+) -> Iterator[int]:
+    """Greedy or sampled decoding of one prompt ``(1, L)`` with a KV cache, yielding each new token id as
+    soon as it is chosen; stops after ``config.eos_token_id`` or ``max_new_tokens`` tokens.
 
-    def __init__(self) -> None:
-        self._queue: queue.Queue[Any] = queue.Queue()
-        self._cancelled = threading.Event()
-        self._prompt_seen = False
-        self._error: BaseException | None = None
-
-    def put(self, value: torch.Tensor) -> None:
-        """Called by generate(): first with the prompt ids (skipped), then with each new token (batch 1)."""
-        if self._cancelled.is_set():
-            raise GenerationCancelled()
-        if not self._prompt_seen:
-            self._prompt_seen = True
+    Same forward passes and token selection as ``generate()`` (prefill with the image tiles, then one
+    cached step per token), but as a generator: text can be streamed without a worker thread.
+    """
+    if input_ids.shape[0] != 1:
+        raise ValueError("iter_new_tokens decodes one prompt at a time")
+    stop = config.eos_token_id
+    stop_ids = set(stop if isinstance(stop, list) else [] if stop is None else [stop])
+    processors = logits_processors(config, input_ids.shape[1])
+    mask = torch.ones_like(input_ids)
+    extra = {} if pixel_values is None else {"pixel_values": pixel_values}
+    out = model(input_ids=input_ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **extra)
+    ids = input_ids
+    for step in range(int(config.max_new_tokens)):
+        scores = processors(ids, out.logits[:, -1].to(dtype=torch.float32, device=ids.device))
+        if config.do_sample:
+            token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)[:, 0]
+        else:
+            token = torch.argmax(scores, dim=-1)
+        yield int(token)
+        if int(token) in stop_ids or step + 1 == config.max_new_tokens:
             return
-        for token in value.reshape(-1).tolist():
-            self._queue.put(int(token))
-
-    def end(self) -> None:
-        """Called by generate() when it finishes."""
-        self._queue.put(_END)
-
-    def cancel(self) -> None:
-        """Ask generate() to stop at its next token."""
-        self._cancelled.set()
-
-    def run(self, generate: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        """Run ``generate(*args, streamer=self, **kwargs)``; errors are re-raised in the reading thread."""
-        try:
-            generate(*args, streamer=self, **kwargs)
-        except GenerationCancelled:
-            logger.debug("generation cancelled by the reader")
-        except Exception as exc:  # handed to the consumer thread, re-raised there by tokens()
-            self._error = exc
-        finally:
-            self._queue.put(_END)
-
-    def tokens(self) -> Iterator[int]:
-        """Token ids as they are generated; raises the worker's exception, if any, at the end."""
-        while True:
-            item = self._queue.get()
-            if item is _END:
-                break
-            yield item
-        if self._error is not None:
-            raise self._error
+        ids = torch.cat([ids, token[:, None]], dim=-1)
+        mask = torch.cat([mask, mask.new_ones((1, 1))], dim=-1)
+        out = model(
+            input_ids=token[:, None], attention_mask=mask, past_key_values=out.past_key_values, use_cache=True
+        )
 
 
 def _stable_end(text: str, stop: str) -> str:

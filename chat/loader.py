@@ -7,6 +7,7 @@ come from safetensors only (single file or sharded with ``model.safetensors.inde
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -75,9 +76,10 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
-def attention_implementation(device: torch.device) -> str:
-    """flash-attn 2 when installed and on CUDA, else PyTorch SDPA."""
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+def attention_implementation(device: torch.device, dtype: torch.dtype) -> str:
+    """flash-attn 2 when installed, on CUDA and in half precision; else PyTorch SDPA."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    if device.type == "cuda" and half and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
 
@@ -100,18 +102,19 @@ def quantization_config(mode: str | None) -> Any:
     )
 
 
-def _auto_device_map(
-    device: torch.device, quantization: str | None, n_params: int, dtype: torch.dtype
-) -> Any:
-    """``"auto"`` (accelerate splits the model) when it will not fit on one GPU, else None."""
-    if device.type != "cuda" or quantization is not None:
-        return "auto" if quantization is not None else None
-    need = n_params * torch.finfo(dtype).bits // 8
+def default_device_map(device: torch.device, n_params: int, dtype: torch.dtype, quantized: bool) -> Any:
+    """Where the weights go: None on CPU; on CUDA the one device, or ``"auto"`` (accelerate splits the
+    model over the GPUs) when it does not fit on one of several GPUs."""
+    if device.type != "cuda":
+        if quantized:
+            raise ValueError("8-bit / 4-bit loading (bitsandbytes) needs a CUDA device")
+        return None
+    need = n_params * (1 if quantized else torch.finfo(dtype).bits // 8)
     free, _ = torch.cuda.mem_get_info(device)
     if torch.cuda.device_count() > 1 and need > 0.85 * free:
         logger.info("model needs %.1f GiB > one GPU: splitting with device_map='auto'", need / 2**30)
         return "auto"
-    return None
+    return {"": str(device)}
 
 
 def _check_loading_info(info: dict[str, Any], folder: Path) -> None:
@@ -151,11 +154,14 @@ def load_chat_model(
     quantization: str | None = None,
     device_map: str | dict | None = None,
     attn_implementation: str | None = None,
+    template: str | None = None,
 ) -> ChatModel:
     """Load an InternVL-Chat folder into a :class:`ChatModel` (native transformers classes, no remote code).
 
-    ``quantization`` ``"8bit"``/``"4bit"`` needs bitsandbytes; ``device_map`` defaults to ``"auto"`` only when
-    the model does not fit on one of several GPUs.
+    Defaults: CUDA when available, bf16 there and fp32 on CPU, flash-attn 2 when installed.
+    ``quantization`` ``"8bit"``/``"4bit"`` needs bitsandbytes and CUDA; ``device_map`` becomes ``"auto"``
+    only when the model does not fit on one of several GPUs. ``template`` overrides the conversation
+    template (HF-native folders carry none: ``internvl2_5`` is assumed).
     """
     folder = Path(path)
     config_path = folder / "config.json"
@@ -164,7 +170,7 @@ def load_chat_model(
     config = json.loads(config_path.read_text())
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
-    attn = attn_implementation or attention_implementation(device)
+    attn = attn_implementation or attention_implementation(device, dtype)
     tokenizer = load_tokenizer(folder)
     image_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
     if image_token_id is None or image_token_id == tokenizer.unk_token_id:
@@ -178,7 +184,7 @@ def load_chat_model(
         settings = chat_settings(config)
         state = convert_state_dict(read_safetensors(folder), config, dtype=dtype)
         n_params = sum(t.numel() for t in state.values())
-        device_map = device_map or _auto_device_map(device, quantization, n_params, dtype)
+        device_map = device_map or default_device_map(device, n_params, dtype, quant is not None)
         model, info = InternVLForConditionalGeneration.from_pretrained(
             None,
             config=native_config(config, image_token_id=image_token_id),
@@ -189,8 +195,10 @@ def load_chat_model(
         del state
     elif config.get("model_type") == "internvl":
         settings = _settings_from_native(folder, config)
+        if device_map is None and device.type == "cuda":
+            device_map = {"": str(device)}
         model, info = InternVLForConditionalGeneration.from_pretrained(
-            str(folder), device_map=device_map or ("auto" if quant is not None else None), **common
+            str(folder), device_map=device_map, **common
         )
     else:
         raise CheckpointError(
@@ -198,10 +206,12 @@ def load_chat_model(
             "nor 'internvl' (HF-native)"
         )
     _check_loading_info(info, folder)
+    if template is not None:
+        settings = dataclasses.replace(settings, template=template)
     if settings.ps_version == "v1":
         _use_pixel_shuffle_v1(model)
     _match_qk_norm_eps(model, config)
-    if device_map is None and quant is None:
+    if device_map is None:
         model.to(device)
     model.eval()
     logger.info(

@@ -8,17 +8,17 @@ with special tokens skipped, cut at the separator and stripped.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 from PIL import Image
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 from chat.convert import ChatSettings
-from chat.generation import TokenQueueStreamer, incremental_text
+from chat.generation import NewTokensRepetitionPenalty, incremental_text, iter_new_tokens
 from chat.prompt import build_batch_queries, build_query, stop_token_id, tokenize_batch
 from chat.templates import get_template
 
@@ -57,7 +57,6 @@ class ChatModel:
             "repetition_penalty": float(llm_config.get("repetition_penalty") or 1.0),
             "top_k": llm_config.get("top_k", 50),
         }
-        self._stream_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chat-stream")
         model.generation_config = GenerationConfig(
             eos_token_id=self.stop_token_id, pad_token_id=self.pad_token_id, max_new_tokens=512
         )
@@ -173,21 +172,35 @@ class ChatModel:
         pixel_values: torch.Tensor | None = None,
         *,
         generation_config: GenerationConfig | None = None,
-        streamer: Any = None,
     ) -> list[list[int]]:
-        """New token ids per prompt, each cut after its first stop token (post-stop padding dropped)."""
+        """New token ids per prompt, each up to and including its first stop token.
+
+        One prompt: :meth:`iter_ids` (what chat() and stream() run). Several: one left-padded
+        ``generate()`` batch (batch_chat), post-stop padding dropped.
+        """
+        config = generation_config or self.generation_config()
+        if len(queries) == 1:
+            return [list(self.iter_ids(queries[0], pixel_values, config))]
         inputs = {k: v.to(self.device) for k, v in self.encode(queries).items()}
         extra = {} if pixel_values is None else {"pixel_values": pixel_values.to(self.device, self.dtype)}
-        config = generation_config or self.generation_config()
-        out = self.model.generate(
-            input_ids=inputs["input_ids"],
-            attention_mask=inputs["attention_mask"],
-            generation_config=config,
-            streamer=streamer,
-            **extra,
-        )
-        new = out[:, inputs["input_ids"].shape[1] :].tolist()
+        width = inputs["input_ids"].shape[1]
+        processors = LogitsProcessorList()
+        if config.repetition_penalty not in (None, 1.0):  # the reference penalises new tokens only
+            processors.append(NewTokensRepetitionPenalty(config.repetition_penalty, width))
+            config = copy.deepcopy(config)
+            config.repetition_penalty = 1.0
+        out = self.model.generate(**inputs, **extra, generation_config=config, logits_processor=processors)
+        new = out[:, width:].tolist()
         return [ids[: ids.index(self.stop_token_id) + 1] if self.stop_token_id in ids else ids for ids in new]
+
+    def iter_ids(
+        self, query: str, pixel_values: torch.Tensor | None, config: GenerationConfig
+    ) -> Iterator[int]:
+        """New token ids of one prompt, each yielded as soon as it is chosen (KV-cached decoding)."""
+        input_ids = self.encode([query])["input_ids"].to(self.device)
+        if pixel_values is not None:
+            pixel_values = pixel_values.to(self.device, self.dtype)
+        return iter_new_tokens(self.model, input_ids, config, pixel_values=pixel_values)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Answer text: special tokens skipped, cut at the separator, stripped."""
@@ -202,6 +215,8 @@ class ChatModel:
         num_patches_list: Sequence[int] | None,
         max_num_tiles: int | None,
     ) -> tuple[str, str, torch.Tensor | None]:
+        if isinstance(images, Sequence) and not isinstance(images, (str, bytes)) and len(images) == 0:
+            images = None  # an empty list means no images
         if images is not None:
             if pixel_values is not None:
                 raise ValueError("pass either images or pixel_values, not both")
@@ -265,9 +280,7 @@ class ChatModel:
     ) -> Iterator[str]:
         """Same arguments as :meth:`chat`; yields text pieces whose concatenation is chat()'s answer.
 
-        Generation runs on this model's one long-lived worker thread (streams are served in order; a
-        persistent thread keeps per-thread kernel caches warm); closing the iterator early stops it at the
-        next token.
+        Tokens are generated in the consuming thread as the iterator is read; closing it stops generation.
         """
         _, query, pixel_values = self._prepare(
             question, images, history, pixel_values, num_patches_list, max_num_tiles
@@ -275,16 +288,11 @@ class ChatModel:
         config = self.generation_config(
             max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p
         )
-        streamer = TokenQueueStreamer()
-        job = self._stream_worker.submit(
-            streamer.run, self.generate_ids, [query], pixel_values, generation_config=config
-        )
+        tokens = self.iter_ids(query, pixel_values, config)
         try:
-            yield from incremental_text(streamer.tokens(), self.tokenizer, self.template, self.stop_token_id)
+            yield from incremental_text(tokens, self.tokenizer, self.template, self.stop_token_id)
         finally:
-            streamer.cancel()
-            if not job.cancel():  # already running: it stops at its next token
-                job.result()
+            tokens.close()
 
     def batch_chat(
         self,

@@ -125,48 +125,54 @@ def build_index(
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
     roots = resolve_roots(roots)
     index = open_or_create(index_dir, encoder, index_type)
-    report = BuildReport()
-    plan = Plan()
-    walk_errors: list[tuple[str, str, str]] = []
-    seen: set[tuple[int, int]] = set()
-    for root in roots:
-        entries = walk([root], lambda p, r, m: walk_errors.append((p, r, m)), within=roots, seen=seen)
-        plan_root(entries, index.store.by_root(root, index.view_generation), index.store.failures(root), plan)
-    report.scanned, report.unchanged = plan.scanned + len(walk_errors), plan.unchanged
-    report.skipped_files.extend(walk_errors + plan.known_bad)
-    logger.info("%d files, %d to read, %d unchanged", plan.scanned, len(plan.work), plan.unchanged)
-
-    dataset = ImageFileDataset(
-        plan.work, encoder.image_transform, max_pixels=max_pixels, close_fds=index.inherited_fds()
-    )
-    loader = make_loader(dataset, batch_size, workers, pin_memory=encoder.device.type == "cuda")
-    chunk = _Chunk()
-    bar = tqdm(total=len(plan.work), unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True)
     try:
-        for pixels, records in loader:
-            vectors = encoder.encode_pixels(pixels) if pixels is not None else None
-            _collect(records, vectors, plan, chunk, report)
-            bar.update(len(records))
-            if len(chunk) >= commit_every:
-                chunk.commit(index)
-            if throttle:
-                time.sleep(throttle)
-        chunk.commit(index)
-    except KeyboardInterrupt:
-        logger.warning("interrupted: saving the %d images encoded so far", len(chunk.rows))
-        chunk.commit(index)
-        raise
+        report = BuildReport()
+        plan = Plan()
+        walk_errors: list[tuple[str, str, str]] = []
+        seen: set[tuple[int, int]] = set()
+        for root in roots:
+            entries = walk([root], lambda p, r, m: walk_errors.append((p, r, m)), within=roots, seen=seen)
+            plan_root(
+                entries, index.store.by_root(root, index.view_generation), index.store.failures(root), plan
+            )
+        report.scanned, report.unchanged = plan.scanned + len(walk_errors), plan.unchanged
+        report.skipped_files.extend(walk_errors + plan.known_bad)
+        logger.info("%d files, %d to read, %d unchanged", plan.scanned, len(plan.work), plan.unchanged)
+
+        dataset = ImageFileDataset(
+            plan.work, encoder.image_transform, max_pixels=max_pixels, close_fds=index.inherited_fds()
+        )
+        loader = make_loader(dataset, batch_size, workers, pin_memory=encoder.device.type == "cuda")
+        chunk = _Chunk()
+        bar = tqdm(
+            total=len(plan.work), unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True
+        )
+        try:
+            for pixels, records in loader:
+                vectors = encoder.encode_pixels(pixels) if pixels is not None else None
+                _collect(records, vectors, plan, chunk, report)
+                bar.update(len(records))
+                if len(chunk) >= commit_every:
+                    chunk.commit(index)
+                if throttle:
+                    time.sleep(throttle)
+            chunk.commit(index)
+        except KeyboardInterrupt:
+            logger.warning("interrupted: saving the %d images encoded so far", len(chunk.rows))
+            chunk.commit(index)
+            raise
+        finally:
+            bar.close()
+        if prune and plan.deleted:
+            report.removed += index.remove(plan.deleted)
+        index.save(full=True)
+        report.skipped = len(report.skipped_files)
+        report.indexed = len(index)
+        report.seconds = time.perf_counter() - start
+        report.images_per_s = report.encoded / report.seconds if report.seconds > 0 else 0.0
+        write_report(index.dir, report)
     finally:
-        bar.close()
-    if prune and plan.deleted:
-        report.removed += index.remove(plan.deleted)
-    index.save(full=True)
-    report.skipped = len(report.skipped_files)
-    report.indexed = len(index)
-    report.seconds = time.perf_counter() - start
-    report.images_per_s = report.encoded / report.seconds if report.seconds > 0 else 0.0
-    write_report(index.dir, report)
-    index.close()
+        index.close()  # releases the writer lock, also after an error
     return report
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 
 import faiss
@@ -73,7 +74,8 @@ def rebuild_faiss(
     sample = None
     probe = faiss.index_factory(int(dim), factory, fx.METRICS[metric])
     if not probe.is_trained:
-        n_train = min(len(locs), MAX_TRAIN)
+        nlist = int(re.match(r"IVF(\d+)", factory).group(1)) if factory.startswith("IVF") else 0
+        n_train = min(len(locs), MAX_TRAIN, max(64 * nlist, 64 * 256))  # 64 points per centroid
         pick = np.sort(np.random.default_rng(seed).choice(len(locs), size=n_train, replace=False))
         sample = vectors.gather([locs[i] for i in pick], pending)
     index = fx.new_index(factory, dim, metric, sample)

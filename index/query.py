@@ -88,7 +88,12 @@ class QueryMixin:
             fetch = min(fetch, int(self._faiss.ntotal))
             if self._search_index is None:
                 self._search_index = fx.to_search_device(self._faiss)
-            scores, cand = self._search_index.search(q, fetch)
+            try:
+                scores, cand = self._search_index.search(q, fetch)
+            except RuntimeError:  # e.g. k over the GPU limit: the CPU index answers
+                if self._search_index is self._faiss:
+                    raise
+                scores, cand = self._faiss.search(q, fetch)
             if fx.needs_rerank(self._factory):
                 scores, cand = self._rerank(q, cand)
             rows = self.store.get(np.unique(cand[cand >= 0]).tolist(), self._view)
@@ -110,12 +115,12 @@ class QueryMixin:
         uniq = np.unique(cand[cand >= 0])
         locs = self.store.locations(uniq.tolist(), self._view)
         known = np.asarray([i for i in uniq.tolist() if i in locs], dtype=np.int64)
+        if not len(known):
+            return np.full(cand.shape, np.nan, dtype=np.float32), np.full_like(cand, -1)
         vecs = self.vectors.gather([locs[int(i)] for i in known], self._pending_map())
-        pos = np.searchsorted(known, cand)
-        ok = (cand >= 0) & (pos < len(known)) & (known[np.minimum(pos, max(len(known) - 1, 0))] == cand)
-        gathered = (
-            vecs[np.minimum(pos, max(len(known) - 1, 0))] if len(known) else np.zeros((*cand.shape, self.dim))
-        )
+        pos = np.minimum(np.searchsorted(known, cand), len(known) - 1)
+        ok = (cand >= 0) & (known[pos] == cand)
+        gathered = vecs[pos]  # (Q, fetch, D)
         if self.metric == "ip":
             exact = np.einsum("qd,qkd->qk", q, gathered)
             exact = np.where(ok, exact, -np.inf)

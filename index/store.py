@@ -49,6 +49,14 @@ ROW_FIELDS = ("root", "relpath", "size", "mtime_ns", "hash", "width", "height")
 _COLUMNS = "id, root, relpath, size, mtime_ns, hash, width, height, added_at, seg, off, extra"
 _VISIBLE = "gen_added <= ? AND (gen_removed IS NULL OR gen_removed > ?)"
 _CHUNK = 900  # stay below SQLite's bound-parameter limit
+_DERIVED = ("id", "path", "score", "added_at")
+
+
+def _coerce(key: str, value: object) -> object:
+    """Plain Python values for SQLite (numpy integers, Path objects)."""
+    if value is None:
+        return None
+    return str(value) if key in ("root", "relpath", "hash") else int(value)
 
 
 def _row_dict(rec: tuple) -> dict:
@@ -173,19 +181,14 @@ class MetaStore:
         now = time.time()
         records = []
         for rid, row, off in zip(ids, rows, offsets, strict=True):
-            fields = {k: row.get(k) for k in ROW_FIELDS}
-            extra = {k: v for k, v in row.items() if k not in ROW_FIELDS and k not in ("id", "path", "score")}
-            records.append(
-                (
-                    int(rid),
-                    *fields.values(),
-                    row.get("added_at", now),
-                    seg,
-                    int(off),
-                    gen,
-                    json.dumps(extra) if extra else None,
-                )
-            )
+            fields = [_coerce(k, row.get(k)) for k in ROW_FIELDS]
+            extra = {k: v for k, v in row.items() if k not in ROW_FIELDS and k not in _DERIVED}
+            try:
+                extra_json = json.dumps(extra) if extra else None
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"row fields must be JSON-serialisable: {exc}") from exc
+            added_at = float(row.get("added_at", now))
+            records.append((int(rid), *fields, added_at, seg, int(off), gen, extra_json))
         conn = self.conn()
         with conn:
             conn.executemany(

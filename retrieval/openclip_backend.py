@@ -110,13 +110,16 @@ def load_openclip_encoder(
     folder = Path(path).resolve()
     try:
         model_cfg = json.loads((folder / "open_clip_config.json").read_text(encoding="utf-8"))["model_cfg"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ModelLoadError(f"{folder}/open_clip_config.json: no valid 'model_cfg' ({exc})") from exc
+        embed_dim = int(model_cfg["embed_dim"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ModelLoadError(
+            f"{folder}/open_clip_config.json: no valid 'model_cfg.embed_dim' ({exc})"
+        ) from exc
     dev = resolve_device(device)
     spec = f"local-dir:{folder}"
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(spec, device="cpu")
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
         if "Error(s) in loading state_dict" in str(exc):
             raise _weight_error(str(folder), str(exc)) from exc
         raise ModelLoadError(f"{folder}: open_clip cannot build the model ({exc})") from exc
@@ -125,6 +128,5 @@ def load_openclip_encoder(
     except OSError as exc:
         raise TokenizerNotFoundError(f"{folder}: cannot load the OpenCLIP tokenizer ({exc})") from exc
     model = model.to(device=dev, dtype=resolve_dtype(dtype, dev))
-    embed_dim = int(model_cfg.get("embed_dim") or model.encode_text(tokenizer([""]).to(dev)).shape[-1])
     logger.info("loaded OpenCLIP %s on %s", folder.name, dev)
     return OpenCLIPEncoder(model, preprocess, tokenizer, name=f"{folder.name}:openclip", embed_dim=embed_dim)

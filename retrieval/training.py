@@ -218,3 +218,59 @@ def trim_padding(input_ids: torch.Tensor) -> torch.Tensor:
     """Drop the all-padding tail columns of ``(N, L)`` ids (exact for the causal text tower)."""
     length = int((input_ids > 0).sum(1).max().clamp_min(1))
     return input_ids[:, :length]
+
+
+class BatchSampler:
+    """Index batches: shuffled epochs, or hard-negative batches drawn from a few groups.
+
+    With ``groups`` (one key per sample, e.g. the colour column), each batch holds samples of
+    ``groups_per_batch`` randomly chosen groups only, so the contrastive loss cannot be solved by what
+    the group shares and must use the other attributes. Deterministic for a given ``seed``.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        groups: Sequence[str] | None = None,
+        groups_per_batch: int = 2,
+    ) -> None:
+        if n < 1 or batch_size < 1:
+            raise ValueError(f"need n >= 1 and batch_size >= 1 (got {n}, {batch_size})")
+        self.n, self.batch_size = n, min(batch_size, n)
+        self.rng = np.random.default_rng(seed)
+        self.order, self.cursor = self.rng.permutation(n), 0
+        self.pools: list[np.ndarray] = []
+        if groups is not None:
+            if len(groups) != n:
+                raise ValueError(f"{len(groups)} group keys for {n} samples")
+            keys = np.asarray(groups)
+            self.pools = [np.flatnonzero(keys == k) for k in sorted(set(groups))]
+            self.k = max(1, min(groups_per_batch, len(self.pools)))
+            self.pool_order = [self.rng.permutation(p) for p in self.pools]
+            self.pool_cursor = [0] * len(self.pools)
+
+    def _take(self, g: int, count: int) -> np.ndarray:
+        out = []
+        while count > 0:
+            if self.pool_cursor[g] >= len(self.pools[g]):
+                self.pool_order[g], self.pool_cursor[g] = self.rng.permutation(self.pools[g]), 0
+            part = self.pool_order[g][self.pool_cursor[g] : self.pool_cursor[g] + count]
+            self.pool_cursor[g] += len(part)
+            count -= len(part)
+            out.append(part)
+        return np.concatenate(out)
+
+    def next(self) -> np.ndarray:
+        """The next batch of sample indices."""
+        if not self.pools:
+            if self.cursor + self.batch_size > self.n:  # new epoch (the ragged tail is dropped)
+                self.order, self.cursor = self.rng.permutation(self.n), 0
+            self.cursor += self.batch_size
+            return self.order[self.cursor - self.batch_size : self.cursor]
+        chosen = self.rng.choice(len(self.pools), size=self.k, replace=False)
+        sizes = [self.batch_size // self.k + (i < self.batch_size % self.k) for i in range(self.k)]
+        # a small group may not fill its share without repeats: cap it at its size
+        parts = [self._take(int(g), min(s, len(self.pools[g]))) for g, s in zip(chosen, sizes, strict=True)]
+        return np.concatenate(parts)

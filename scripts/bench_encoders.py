@@ -11,6 +11,7 @@ For every batch size, in one run: ``encode_images`` on PIL images (decode-free, 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -44,6 +45,11 @@ def best_time(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) 
         sync()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def run_pixel_batches(encode: Callable[[torch.Tensor], np.ndarray], pixels: torch.Tensor, bs: int) -> None:
+    for i in range(0, len(pixels), bs):
+        encode(pixels[i : i + bs])
 
 
 def main() -> None:
@@ -85,13 +91,12 @@ def main() -> None:
     print("-" * len(header))
     for bs in batch_sizes:
         n = bs * args.batches
-        t_pil = best_time(lambda: encoder.encode_images(images[:n], batch_size=bs), args.repeats, sync)  # noqa: B023
-        t_px = best_time(
-            lambda: [encoder.encode_pixels(pixels[i : i + bs]) for i in range(0, n, bs)],  # noqa: B023
-            args.repeats,
-            sync,
-        )
-        t_txt = best_time(lambda: encoder.encode_texts(texts[:n], batch_size=bs), args.repeats, sync)  # noqa: B023
+        pil_batch = functools.partial(encoder.encode_images, images[:n], batch_size=bs)
+        text_batch = functools.partial(encoder.encode_texts, texts[:n], batch_size=bs)
+        pixel_batches = functools.partial(run_pixel_batches, encoder.encode_pixels, pixels[:n], bs)
+        t_pil = best_time(pil_batch, args.repeats, sync)
+        t_px = best_time(pixel_batches, args.repeats, sync)
+        t_txt = best_time(text_batch, args.repeats, sync)
         print(f"{bs:>6} {n / t_pil:>11.1f} {n / t_px:>13.1f} {t_pil / t_px:>10.2f}x {n / t_txt:>10.1f}")
     print(
         "PIL/tensor = time of encode_images(PIL) / time of encode_pixels(ready tensors) = pipeline overhead"

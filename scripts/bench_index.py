@@ -108,7 +108,8 @@ def main() -> None:
     queries = next(clustered(args.queries, args.dim, args.clusters, seed=99))
     work = Path(tempfile.mkdtemp(prefix="bench_index_", dir=args.workdir))
     print(f"n={args.n} dim={args.dim} clusters={args.clusters} queries={args.queries} k={args.k} "
-          f"batch={args.batch} faiss_gpus={fx.gpu_count()} omp_threads={faiss.omp_get_max_threads()}")  # fmt: skip
+          f"batch={args.batch} faiss_gpus={fx.gpu_count()} "
+          f"omp_threads={faiss.omp_get_max_threads()}")  # fmt: skip
     results = []
     for kind in args.types.split(","):
         results.append(bench(kind.strip(), args, queries, work))

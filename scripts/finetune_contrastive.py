@@ -34,6 +34,7 @@ from retrieval.images import ImageDecodeError, open_image
 from retrieval.internvl import InternVLConfig, InternVLModel, InternVLTokenizer, build_transform
 from retrieval.training import (
     PRESETS,
+    BatchSampler,
     clamp_logit_scale_,
     contrastive_loss,
     find_captions,
@@ -177,6 +178,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--min-lr-ratio", type=float, default=0.0)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup", type=int, default=50, help="warm-up steps")
+    p.add_argument("--hard-negatives", default="", metavar="COLUMN", help="draw each batch from a few groups")
+    p.add_argument("--groups-per-batch", type=int, default=2, help="groups per batch with --hard-negatives")
     p.add_argument("--g-loss-weight", type=float, default=0.0, help="also train the InternVL-G image branch")
     p.add_argument("--augment-shift", type=int, default=0, help="max random shift in pixels (train only)")
     p.add_argument("--eval-data", type=Path, default=None, help="held-out folder for periodic recall")
@@ -205,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
     model, config, tok_dir = build_model(args)
     tokenizer = InternVLTokenizer.from_pretrained(tok_dir)
     transform = build_transform("retrieval", config.image_size)
-    pixels, captions, _ = load_pairs(args.data, captions_file, transform, args.workers, "train")
+    pixels, captions, records = load_pairs(args.data, captions_file, transform, args.workers, "train")
     ids = tokenizer(captions)
     if int(((ids > 0).sum(1) == ids.shape[1]).sum()):
         logger.warning(
@@ -226,19 +229,18 @@ def main(argv: list[str] | None = None) -> dict:
         param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.98), eps=1e-6
     )
     scheduler = warmup_cosine(optimizer, min(args.warmup, steps // 2), steps, args.min_lr_ratio)
-    order_rng = np.random.default_rng(args.seed)
+    if args.hard_negatives and args.hard_negatives not in records[0]:
+        raise ValueError(f"--hard-negatives: the captions file has no column {args.hard_negatives!r}")
+    groups = [str(r[args.hard_negatives]) for r in records] if args.hard_negatives else None
+    sampler = BatchSampler(n, args.batch_size, args.seed, groups, args.groups_per_batch)
     aug_gen = torch.Generator().manual_seed(args.seed)
-    order, cursor = order_rng.permutation(n), 0
     history: list[dict] = []
     model.train()
     bar = tqdm(range(steps), desc="train", unit="step")
     for step in bar:
         t0, total = time.perf_counter(), 0.0
         for _ in range(args.accum):
-            if cursor + args.batch_size > n:  # new epoch (drop the ragged tail)
-                order, cursor = order_rng.permutation(n), 0
-            idx = torch.from_numpy(order[cursor : cursor + min(args.batch_size, n)])
-            cursor += args.batch_size
+            idx = torch.from_numpy(sampler.next())
             px = random_shift(pixels[idx], args.augment_shift, aug_gen)
             loss = batch_loss(model, px, trim_padding(ids[idx]), args.g_loss_weight) / args.accum
             loss.backward()

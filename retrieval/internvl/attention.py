@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections.abc import Callable
 from functools import lru_cache
 
 import torch
@@ -13,7 +14,7 @@ logger = logging.getLogger(__name__)
 
 
 @lru_cache(maxsize=1)
-def _flash_attn_func():  # noqa: ANN202
+def _flash_attn_func() -> Callable[..., torch.Tensor] | None:
     """``flash_attn.flash_attn_func`` if the package is installed, else None (checked once)."""
     if importlib.util.find_spec("flash_attn") is None:
         return None

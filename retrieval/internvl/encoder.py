@@ -65,7 +65,9 @@ class InternVLEncoder(TorchEncoder):
         out = [self._empty()]
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
-                ids = self.tokenizer(texts[start : start + batch_size]).to(self.device)
+                ids = self.tokenizer(texts[start : start + batch_size])
+                # drop all-padding tail columns: the text tower is causal, so real positions are unchanged
+                ids = ids[:, : int((ids > 0).sum(1).max())].to(self.device)
                 out.append(l2_normalize(self.model.encode_text(ids)))
         return np.concatenate(out, axis=0)
 

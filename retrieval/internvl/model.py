@@ -134,6 +134,7 @@ class InternVLModel(nn.Module):
             model = cls(config)
         _adapt_position_embedding(model, state)
         load_strict(model, state, source=str(path), assign=True)
+        del state  # the parameters now own the tensors; casting below frees each stored one in turn
         model.qllama.model.reset_rotary(torch.device("cpu"))  # non-persistent buffers are still on meta
         model.to(device=device or "cpu", dtype=dtype or torch.float32)
         model.qllama.model.reset_rotary()  # float32 frequencies, after any half-precision cast

@@ -59,7 +59,9 @@ def test_reload_automatic_and_admin(tmp_path: Path, fake_encoder: FakeEncoder) -
         time.sleep(0.3)  # the watcher sees the broken manifest too and must keep the old index
         assert httpx.get(url + "/health").json()["index_size"] == 5
         assert len(httpx.post(url + "/search", json={"text": "x", "k": 10}).json()["results"]) == 5
-        assert 'ivl_index_reloads_total{result="error"}' in httpx.get(url + "/metrics").text
+        metrics = httpx.get(url + "/metrics").text
+        assert 'ivl_index_reloads_total{result="error"}' in metrics
+        assert 'ivl_index_reloads_total{result="ok"} 2.0' in metrics  # the automatic one and the admin one
     index.close()
 
 

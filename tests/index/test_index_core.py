@@ -124,6 +124,12 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         idx.add(unit(2), rows(3))
     with pytest.raises(ValueError, match="NaN"):
         idx.add(np.full((1, DIM), np.nan), rows(1))
+    with pytest.raises(ValueError, match="JSON"):
+        idx.add(unit(1), [{"path": "/x.jpg", "blob": object()}])
+    assert len(idx) == 0
+    idx.add(unit(1), [{"path": "/np.jpg", "size": np.int64(5), "width": np.int32(3)}])
+    assert idx.get([idx.ids()[0]])[0]["size"] == 5
+    idx.remove(idx.ids())
     idx.add(unit(4), rows(4))
     with pytest.raises(ValueError, match="shape"):
         idx.search(np.zeros((1, DIM - 1)), 2)

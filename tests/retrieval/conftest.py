@@ -1,51 +1,12 @@
-"""Shared fixtures of the encoder tests: the InternVL-C/G golden fixtures and their loaded models."""
+"""Shared fixtures of the encoder tests: each InternVL-C/G golden fixture and its loaded model."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors.torch import load_file
+from golden_helpers import CG_FIXTURES, Golden, load_golden
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
-#: every InternVL-C/G golden fixture present (a second one with other sizes can be dropped in)
-CG_FIXTURES = sorted(p for p in FIXTURES.glob("internvl_cg_*") if (p / "expected.safetensors").is_file())
-TINY = FIXTURES / "internvl_cg_tiny"
-
-
-@dataclass
-class Golden:
-    """One golden fixture: folder, expected tensors, image files (batch order) and texts."""
-
-    dir: Path
-    expected: dict[str, torch.Tensor]
-    image_files: list[Path]
-    texts: list[str]
-
-
-def load_golden(folder: Path) -> Golden:
-    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-    texts = json.loads((folder / manifest.get("texts_file", "texts.json")).read_text(encoding="utf-8"))
-    images = [folder / "images" / name for name in manifest["images"]]
-    return Golden(folder, load_file(str(folder / "expected.safetensors")), images, texts)
-
-
-def rel_deviation(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected| (the fixture README's per-tensor measure)."""
-    actual = torch.as_tensor(actual).float()
-    return float((actual - expected).abs().max() / expected.abs().max())
-
-
-def assert_matches(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
-    """The fixture's recommended check: rtol 1e-4, atol 1e-4 * max|expected| (per tensor)."""
-    actual = torch.as_tensor(actual).float()
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    torch.testing.assert_close(
-        actual, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()), msg=lambda m: f"{name}: {m}"
-    )
+from retrieval.internvl import InternVLModel
 
 
 @pytest.fixture(scope="session", params=CG_FIXTURES, ids=[p.name for p in CG_FIXTURES])
@@ -54,7 +15,5 @@ def golden(request: pytest.FixtureRequest) -> Golden:
 
 
 @pytest.fixture(scope="session")
-def golden_model(golden: Golden):  # noqa: ANN201
-    from retrieval.internvl import InternVLModel
-
+def golden_model(golden: Golden) -> InternVLModel:
     return InternVLModel.from_pretrained(golden.dir, device="cpu", dtype=torch.float32)

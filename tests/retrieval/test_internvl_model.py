@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from golden_helpers import TINY
 from safetensors.torch import load_file, save_file
 
 from retrieval.errors import WeightMismatchError
 from retrieval.internvl import InternVLConfig, InternVLModel
 from retrieval.internvl.vision import resize_position_embedding
-from tests.retrieval.conftest import TINY
 
 
 def tiny_config(vision: dict | None = None, **top: object) -> InternVLConfig:
@@ -186,9 +186,10 @@ def test_missing_and_unexpected_weights_are_listed(tmp_path: Path) -> None:
 def test_shape_mismatch_is_reported(tmp_path: Path) -> None:
     config = InternVLConfig.from_pretrained(TINY)
     state = load_file(str(TINY / "model.safetensors"))
-    state["itm_head.weight"] = torch.zeros(3, 32)
+    width = config.qllama_config.hidden_size
+    state["itm_head.weight"] = torch.zeros(3, width)
     _write(tmp_path / "bad", config, state)
-    with pytest.raises(WeightMismatchError, match=r"itm_head.weight \(3, 32\) != \(2, 32\)"):
+    with pytest.raises(WeightMismatchError, match=rf"itm_head.weight \(3, {width}\) != \(2, {width}\)"):
         InternVLModel.from_pretrained(tmp_path / "bad")
 
 
@@ -230,7 +231,9 @@ def test_half_precision_load_keeps_float32_rotary() -> None:
         assert torch.isfinite(model.encode_text(ids).float()).all()
 
 
-@pytest.mark.parametrize(("saved_as", "config_says"), [("layer_norm", "rms_norm"), ("rms_norm", "layer_norm")])
+@pytest.mark.parametrize(
+    ("saved_as", "config_says"), [("layer_norm", "rms_norm"), ("rms_norm", "layer_norm")]
+)
 def test_norm_type_follows_the_stored_weights(tmp_path: Path, saved_as: str, config_says: str) -> None:
     """clip_benchmark's InternViT ignores norm_type (RMSNorm, no bias); later versions honour it (bias)."""
     model = InternVLModel(tiny_config({"norm_type": saved_as}))

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from golden_helpers import TINY
 from safetensors.torch import load_file, save_file
 
-from retrieval import load_encoder
+from retrieval import Encoder, load_encoder
 from retrieval.errors import (
     ImageDecodeError,
     ModelLoadError,
@@ -18,12 +20,14 @@ from retrieval.errors import (
     UnknownModelTypeError,
     WeightMismatchError,
 )
+from retrieval.internvl import InternVLConfig
 from retrieval.loader import DEMO_MODEL_DIR
-from tests.retrieval.conftest import TINY
+
+CONFIG = InternVLConfig.from_pretrained(TINY)
 
 
 @pytest.fixture(scope="module")
-def encoder():  # noqa: ANN201
+def encoder() -> Encoder:
     return load_encoder(TINY, device="cpu")
 
 
@@ -35,9 +39,9 @@ def _copy_fixture(dst: Path, skip: tuple[str, ...] = ()) -> Path:
     return dst
 
 
-def test_defaults(encoder) -> None:  # noqa: ANN001
+def test_defaults(encoder: Encoder) -> None:
     assert encoder.mode == "internvl-c" and str(encoder.device) == "cpu"
-    assert encoder.name.endswith(":internvl-c") and encoder.embed_dim == 32
+    assert encoder.name.endswith(":internvl-c") and encoder.embed_dim == CONFIG.clip_embed_dim
     assert encoder.dtype.is_floating_point and encoder.model.training is False
 
 
@@ -118,11 +122,11 @@ def test_demo_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="demo model is not built"):
         load_encoder("demo")
     _copy_fixture(tmp_path / "demo_model")
-    assert load_encoder("demo", device="cpu").embed_dim == 32
+    assert load_encoder("demo", device="cpu").embed_dim == CONFIG.clip_embed_dim
     assert DEMO_MODEL_DIR.name == "demo_model" and DEMO_MODEL_DIR.parent.name == "retrieval"
 
 
-def test_unreadable_image_file(encoder, tmp_path: Path) -> None:  # noqa: ANN001
+def test_unreadable_image_file(encoder: Encoder, tmp_path: Path) -> None:
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8 not really a jpeg")
     with pytest.raises(ImageDecodeError) as info:
@@ -134,7 +138,8 @@ def test_unreadable_image_file(encoder, tmp_path: Path) -> None:  # noqa: ANN001
         encoder.encode_images([empty])
 
 
-def test_bad_arguments(encoder) -> None:  # noqa: ANN001
+def test_bad_arguments(encoder: Encoder) -> None:
+    size = CONFIG.image_size
     with pytest.raises(TypeError, match="single str"):
         encoder.encode_texts("a cat")
     with pytest.raises(TypeError, match="must be str"):
@@ -142,15 +147,13 @@ def test_bad_arguments(encoder) -> None:  # noqa: ANN001
     with pytest.raises(ValueError, match="batch_size"):
         encoder.encode_texts(["ok"], batch_size=0)
     with pytest.raises(ValueError, match=r"\(B, 3, S, S\)"):
-        encoder.encode_pixels(np.zeros((1, 3, 56, 56)))
-    with pytest.raises(ValueError, match="56, 56"):
-        import torch
-
-        encoder.encode_pixels(torch.zeros(1, 3, 32, 32))
+        encoder.encode_pixels(np.zeros((1, 3, size, size)))
+    with pytest.raises(ValueError, match=f"{size}, {size}"):
+        encoder.encode_pixels(torch.zeros(1, 3, size + 14, size + 14))
     with pytest.raises(ValueError, match="unknown dtype"):
         load_encoder(TINY, dtype="int8")
 
 
-def test_empty_inputs(encoder) -> None:  # noqa: ANN001
-    assert encoder.encode_texts([]).shape == (0, 32)
-    assert encoder.encode_images([]).shape == (0, 32)
+def test_empty_inputs(encoder: Encoder) -> None:
+    assert encoder.encode_texts([]).shape == (0, CONFIG.clip_embed_dim)
+    assert encoder.encode_images([]).shape == (0, CONFIG.clip_embed_dim)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from retrieval import load_encoder
-from retrieval.errors import WeightMismatchError
+from retrieval.errors import ModelLoadError, WeightMismatchError
 from retrieval.openclip_backend import OpenCLIPEncoder
 
 MODEL_CFG = {
@@ -107,3 +108,14 @@ def test_wrong_weights_are_reported(tmp_path: Path, openclip_dir: Path) -> None:
 def test_openclip_rejects_internvl_mode(openclip_dir: Path) -> None:
     with pytest.raises(ValueError, match="not valid for an OpenCLIP model"):
         load_encoder(openclip_dir, mode="internvl-g")
+
+
+def test_bad_openclip_config(tmp_path: Path, openclip_dir: Path) -> None:
+    shutil.copyfile(openclip_dir / "open_clip_model.safetensors", tmp_path / "open_clip_model.safetensors")
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"vision_cfg": {}}}))
+    with pytest.raises(ModelLoadError, match="embed_dim"):
+        load_encoder(tmp_path)
+    bad = {"model_cfg": {**MODEL_CFG, "text_cfg": {**MODEL_CFG["text_cfg"], "width": "wide"}}}
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(bad))
+    with pytest.raises(ModelLoadError, match="open_clip cannot build"):
+        load_encoder(tmp_path)

@@ -8,10 +8,10 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from golden_helpers import TINY
 from PIL import Image
 
 from retrieval.internvl import InternVLTokenizer, build_transform
-from tests.retrieval.conftest import TINY
 
 
 def _image(w: int = 45, h: int = 30, seed: int = 0) -> Image.Image:

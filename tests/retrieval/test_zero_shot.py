@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pytest
 import torch
+from golden_helpers import TINY, load_golden
 from PIL import Image
 
 from retrieval import load_encoder
 from retrieval.base import Encoder
 from retrieval.zero_shot import class_embeddings, classify
 from retrieval.zero_shot_templates import DEFAULT_TEMPLATES
-from tests.retrieval.conftest import TINY, load_golden
 
 LABELS = ["cat", "dog", "car"]
 
@@ -25,7 +27,7 @@ class KeywordEncoder(Encoder):
         self.image_transform = lambda image: torch.zeros(3, 2, 2)
         self.seen: list[str] = []
 
-    def encode_texts(self, texts, batch_size: int = 64) -> np.ndarray:  # noqa: ANN001
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         self.seen.extend(texts)
         out = np.full((len(texts), 4), 0.1, dtype=np.float32)
         for i, text in enumerate(texts):
@@ -72,7 +74,7 @@ def test_class_embedding_is_renormalised_mean() -> None:
     [([], None, ValueError), ("cat", None, TypeError), (["cat", " "], None, ValueError),
      (["cat"], ["no placeholder"], ValueError), (["cat"], [], ValueError)],
 )  # fmt: skip
-def test_bad_arguments(labels, templates, error) -> None:  # noqa: ANN001
+def test_bad_arguments(labels: object, templates: list[str] | None, error: type[Exception]) -> None:
     with pytest.raises(error):
         classify(KeywordEncoder(), np.eye(4, dtype=np.float32)[:1], labels, templates)
 

@@ -113,3 +113,26 @@ def test_merge_config_is_recursive() -> None:
     base = {"a": 1, "sub": {"x": 1, "y": 2}}
     assert merge_config(base, {"sub": {"y": 3}}) == {"a": 1, "sub": {"x": 1, "y": 3}}
     assert base["sub"]["y"] == 2
+
+
+def test_batch_sampler_epochs_cover_every_sample_once() -> None:
+    from retrieval.training import BatchSampler
+
+    s = BatchSampler(10, 5, seed=0)
+    first = np.concatenate([s.next(), s.next()])
+    assert sorted(first.tolist()) == list(range(10))
+    again = BatchSampler(10, 5, seed=0)
+    assert np.array_equal(np.concatenate([again.next(), again.next()]), first)  # deterministic
+
+
+def test_batch_sampler_hard_negative_groups() -> None:
+    from retrieval.training import BatchSampler
+
+    groups = ["red"] * 20 + ["blue"] * 20 + ["green"] * 20
+    s = BatchSampler(60, 8, seed=1, groups=groups, groups_per_batch=2)
+    for _ in range(20):
+        batch = s.next()
+        assert len(batch) == 8 and len(set(batch.tolist())) == 8
+        assert len({groups[i] for i in batch}) == 2
+    with pytest.raises(ValueError, match="group keys"):
+        BatchSampler(3, 2, seed=0, groups=["a"])
