@@ -28,47 +28,29 @@ logger = logging.getLogger(__name__)
 #: LLM architectures (``llm_config.architectures[0]``) this converter knows
 SUPPORTED_LLMS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Phi3ForCausalLM", "InternLM2ForCausalLM")
 
+# fmt: off
 #: config keys that describe the original class or legacy generation defaults, not the architecture
-_DROP_KEYS = frozenset(
-    {
-        "architectures",
-        "auto_map",
-        "model_type",
-        "_name_or_path",
-        "_commit_hash",
-        "torch_dtype",
-        "dtype",
-        "transformers_version",
-        "attn_implementation",
-        "use_flash_attn",
-        "max_length",
-        "min_length",
-        "do_sample",
-        "early_stopping",
-        "num_beams",
-        "num_beam_groups",
-        "diversity_penalty",
-        "temperature",
-        "top_k",
-        "top_p",
-        "typical_p",
-        "repetition_penalty",
-        "length_penalty",
-        "no_repeat_ngram_size",
-        "encoder_no_repeat_ngram_size",
-        "bad_words_ids",
-        "num_return_sequences",
-        "output_scores",
-        "return_dict_in_generate",
-        "forced_bos_token_id",
-        "forced_eos_token_id",
-        "remove_invalid_values",
-        "exponential_decay_length_penalty",
-        "suppress_tokens",
-        "begin_suppress_tokens",
-        "chunk_size_feed_forward",
-    }
-)
+_DROP_KEYS = frozenset({
+    "architectures", "auto_map", "model_type", "_name_or_path", "_commit_hash", "torch_dtype", "dtype",
+    "transformers_version", "attn_implementation", "use_flash_attn", "max_length", "min_length",
+    "do_sample", "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty", "temperature",
+    "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
+    "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+    "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens", "chunk_size_feed_forward",
+})
+#: defaults of the reference ``InternVisionConfig`` (InternViT-6B) for keys a config.json may omit
+VISION_DEFAULTS: dict[str, Any] = {
+    "num_channels": 3, "patch_size": 14, "image_size": 224, "qkv_bias": False, "hidden_size": 3200,
+    "num_attention_heads": 25, "intermediate_size": 12800, "qk_normalization": True, "num_hidden_layers": 48,
+    "hidden_act": "gelu", "norm_type": "rms_norm", "layer_norm_eps": 1e-6,
+}
+#: defaults of the reference ``InternVLChatConfig``
+CHAT_DEFAULTS: dict[str, Any] = {
+    "select_layer": -1, "force_image_size": None, "downsample_ratio": 0.5, "dynamic_image_size": False,
+    "use_thumbnail": False, "ps_version": "v1", "min_dynamic_patch": 1, "max_dynamic_patch": 6,
+}
+# fmt: on
 
 
 class CheckpointError(ValueError):
@@ -120,11 +102,15 @@ def llm_arch(config: Mapping[str, Any]) -> str:
     return arch
 
 
-def text_config(config: Mapping[str, Any]) -> PretrainedConfig:
-    """``llm_config`` -> a native transformers text config (InternLM2 becomes a LLaMA config)."""
+def text_config(config: Mapping[str, Any], *, tie_word_embeddings: bool = False) -> PretrainedConfig:
+    """``llm_config`` -> a native transformers text config (InternLM2 becomes a LLaMA config).
+
+    InternVL-Chat checkpoints store their own lm head (InternVL2-1B unties Qwen2-0.5B's), so the head is
+    untied unless the caller found none in the checkpoint.
+    """
     arch = llm_arch(config)
     llm = _clean(config["llm_config"])
-    llm["tie_word_embeddings"] = False  # every InternVL-Chat checkpoint stores its own lm head
+    llm["tie_word_embeddings"] = tie_word_embeddings
     if arch == "InternLM2ForCausalLM":
         llm["attention_bias"] = bool(llm.pop("bias", False))
         llm["mlp_bias"] = False
@@ -142,21 +128,21 @@ def text_config(config: Mapping[str, Any]) -> PretrainedConfig:
 
 def vision_config(config: Mapping[str, Any]) -> InternVLVisionConfig:
     """InternViT ``vision_config`` -> ``InternVLVisionConfig`` (300M and 6B variants)."""
-    vc = config["vision_config"]
+    vc = {**VISION_DEFAULTS, **config["vision_config"]}
     image_size = config.get("force_image_size") or vc["image_size"]
     return InternVLVisionConfig(
         hidden_size=vc["hidden_size"],
         num_hidden_layers=vc["num_hidden_layers"],
         num_attention_heads=vc["num_attention_heads"],
         intermediate_size=vc["intermediate_size"],
-        hidden_act=vc.get("hidden_act", "gelu"),
-        layer_norm_eps=vc.get("layer_norm_eps", 1e-6),
-        norm_type=vc.get("norm_type", "layer_norm"),  # 6B: rms_norm
-        attention_bias=bool(vc.get("qkv_bias", True)),  # 6B: no qkv bias
-        use_qk_norm=bool(vc.get("qk_normalization", False)),  # 6B: RMSNorm on q and k
+        hidden_act=vc["hidden_act"],
+        layer_norm_eps=vc["layer_norm_eps"],
+        norm_type=vc["norm_type"],  # 300M: layer_norm, 6B: rms_norm
+        attention_bias=bool(vc["qkv_bias"]),  # 6B: no qkv bias
+        use_qk_norm=bool(vc["qk_normalization"]),  # 6B: RMSNorm on q and k (over all heads)
         image_size=image_size,
-        patch_size=vc.get("patch_size", 14),
-        num_channels=vc.get("num_channels", 3),
+        patch_size=vc["patch_size"],
+        num_channels=vc["num_channels"],
         use_mean_pooling=True,  # no final vision norm in InternViT
         use_mask_token=False,
         use_absolute_position_embeddings=True,
@@ -165,72 +151,62 @@ def vision_config(config: Mapping[str, Any]) -> InternVLVisionConfig:
 
 def chat_settings(config: Mapping[str, Any]) -> ChatSettings:
     """Template, tiling and image-token facts of an original-format config."""
-    vc = config["vision_config"]
-    image_size = int(config.get("force_image_size") or vc["image_size"])
-    patch = int(vc.get("patch_size", 14))
-    ratio = float(config.get("downsample_ratio", 0.5))
-    ps_version = config.get("ps_version", "v1")  # the reference's default
-    if ps_version not in ("v1", "v2"):
-        raise CheckpointError(f"unknown ps_version {ps_version!r} (expected 'v1' or 'v2')")
+    vc = {**VISION_DEFAULTS, **config["vision_config"]}
+    cfg = {**CHAT_DEFAULTS, **config}
+    image_size = int(cfg["force_image_size"] or vc["image_size"])
+    ratio = float(cfg["downsample_ratio"])
+    if cfg["ps_version"] not in ("v1", "v2"):
+        raise CheckpointError(f"unknown ps_version {cfg['ps_version']!r} (expected 'v1' or 'v2')")
+    if not cfg.get("template"):
+        raise CheckpointError("config.json has no 'template' (the conversation template, e.g. 'Hermes-2')")
     return ChatSettings(
-        template=config.get("template") or "Hermes-2",
+        template=cfg["template"],
         image_size=image_size,
-        num_image_token=int((image_size // patch) ** 2 * ratio**2),
-        dynamic_image_size=bool(config.get("dynamic_image_size", True)),
-        use_thumbnail=bool(config.get("use_thumbnail", True)),
-        min_dynamic_patch=int(config.get("min_dynamic_patch", 1)),
-        max_dynamic_patch=int(config.get("max_dynamic_patch", 12)),
-        ps_version=ps_version,
+        num_image_token=int((image_size // int(vc["patch_size"])) ** 2 * ratio**2),
+        dynamic_image_size=bool(cfg["dynamic_image_size"]),
+        use_thumbnail=bool(cfg["use_thumbnail"]),
+        min_dynamic_patch=int(cfg["min_dynamic_patch"]),
+        max_dynamic_patch=int(cfg["max_dynamic_patch"]),
+        ps_version=cfg["ps_version"],
         llm_arch=llm_arch(config),
     )
 
 
-def native_config(config: Mapping[str, Any], *, image_token_id: int) -> InternVLConfig:
+def native_config(
+    config: Mapping[str, Any], *, image_token_id: int, tie_word_embeddings: bool = False
+) -> InternVLConfig:
     """Original ``InternVLChatConfig`` dict -> native ``InternVLConfig``."""
     settings = chat_settings(config)
-    select_layer = int(config.get("select_layer", -1))
+    select_layer = int(config.get("select_layer", CHAT_DEFAULTS["select_layer"]))
     out = InternVLConfig(
         vision_config=vision_config(config),
-        text_config=text_config(config),
+        text_config=text_config(config, tie_word_embeddings=tie_word_embeddings),
         image_token_id=image_token_id,
         image_seq_length=settings.num_image_token,
         downsample_ratio=float(config.get("downsample_ratio", 0.5)),
         projector_hidden_act="gelu",
         vision_feature_layer=select_layer,
         vision_feature_select_strategy="default",  # drop CLS
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
     )
     return out
 
 
 # ---------------------------------------------------------------------------- weights
 
+_VIT = "model.vision_tower."
+_LAYER = r"^vision_model\.encoder\.layers\.(\d+)\."
 _VIT_RENAMES = [
-    (r"^vision_model\.embeddings\.class_embedding$", "model.vision_tower.embeddings.cls_token"),
-    (r"^vision_model\.embeddings\.position_embedding$", "model.vision_tower.embeddings.position_embeddings"),
-    (
-        r"^vision_model\.embeddings\.patch_embedding\.",
-        "model.vision_tower.embeddings.patch_embeddings.projection.",
-    ),
-    (
-        r"^vision_model\.encoder\.layers\.(\d+)\.attn\.proj\.",
-        r"model.vision_tower.encoder.layer.\1.attention.projection_layer.",
-    ),
-    (
-        r"^vision_model\.encoder\.layers\.(\d+)\.attn\.(q_norm|k_norm)\.",
-        r"model.vision_tower.encoder.layer.\1.attention.\2.",
-    ),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.mlp\.", r"model.vision_tower.encoder.layer.\1.mlp."),
-    (
-        r"^vision_model\.encoder\.layers\.(\d+)\.norm1\.",
-        r"model.vision_tower.encoder.layer.\1.layernorm_before.",
-    ),
-    (
-        r"^vision_model\.encoder\.layers\.(\d+)\.norm2\.",
-        r"model.vision_tower.encoder.layer.\1.layernorm_after.",
-    ),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.ls1$", r"model.vision_tower.encoder.layer.\1.lambda_1"),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.ls2$", r"model.vision_tower.encoder.layer.\1.lambda_2"),
+    (r"^vision_model\.embeddings\.class_embedding$", _VIT + "embeddings.cls_token"),
+    (r"^vision_model\.embeddings\.position_embedding$", _VIT + "embeddings.position_embeddings"),
+    (r"^vision_model\.embeddings\.patch_embedding\.", _VIT + "embeddings.patch_embeddings.projection."),
+    (_LAYER + r"attn\.proj\.", _VIT + r"encoder.layer.\1.attention.projection_layer."),
+    (_LAYER + r"attn\.(q_norm|k_norm)\.", _VIT + r"encoder.layer.\1.attention.\2."),
+    (_LAYER + r"mlp\.", _VIT + r"encoder.layer.\1.mlp."),
+    (_LAYER + r"norm1\.", _VIT + r"encoder.layer.\1.layernorm_before."),
+    (_LAYER + r"norm2\.", _VIT + r"encoder.layer.\1.layernorm_after."),
+    (_LAYER + r"ls1$", _VIT + r"encoder.layer.\1.lambda_1"),
+    (_LAYER + r"ls2$", _VIT + r"encoder.layer.\1.lambda_2"),
     (r"^mlp1\.0\.", "model.multi_modal_projector.layer_norm."),
     (r"^mlp1\.1\.", "model.multi_modal_projector.linear_1."),
     (r"^mlp1\.3\.", "model.multi_modal_projector.linear_2."),

@@ -183,11 +183,13 @@ def load_chat_model(
     if is_original_format(config):
         settings = chat_settings(config)
         state = convert_state_dict(read_safetensors(folder), config, dtype=dtype)
+        # an lm head is always stored, except by a checkpoint whose llm_config really ties it
+        tied = "lm_head.weight" not in state and bool(config["llm_config"].get("tie_word_embeddings"))
         n_params = sum(t.numel() for t in state.values())
         device_map = device_map or default_device_map(device, n_params, dtype, quant is not None)
         model, info = InternVLForConditionalGeneration.from_pretrained(
             None,
-            config=native_config(config, image_token_id=image_token_id),
+            config=native_config(config, image_token_id=image_token_id, tie_word_embeddings=tied),
             state_dict=state,
             device_map=device_map,
             **common,

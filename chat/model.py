@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -21,6 +22,7 @@ from chat.convert import ChatSettings
 from chat.generation import NewTokensRepetitionPenalty, incremental_text, iter_new_tokens
 from chat.prompt import build_batch_queries, build_query, stop_token_id, tokenize_batch
 from chat.templates import get_template
+from chat.tiling import tile_images
 
 logger = logging.getLogger(__name__)
 
@@ -92,9 +94,7 @@ class ChatModel:
         self, images: Image.Image | Sequence[Any], max_num_tiles: int | None = None
     ) -> tuple[torch.Tensor, list[int]]:
         """PIL images (or paths/bytes) -> ``(pixel_values (sum n_i, 3, S, S), num_patches_list)``."""
-        from chat.tiling import tile_images
-
-        if isinstance(images, Image.Image):
+        if isinstance(images, (Image.Image, str, bytes, os.PathLike)):
             images = [images]
         max_num = self.settings.max_dynamic_patch if max_num_tiles is None else int(max_num_tiles)
         if not 1 <= max_num <= MAX_TILES_LIMIT:

@@ -105,8 +105,8 @@ def new_index(factory: str, dim: int, metric: str, sample: np.ndarray | None = N
         try:  # GPU k-means for the coarse quantizer (faiss wiki recipe)
             ivf = faiss.extract_index_ivf(index)
             ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(int(dim)))
-        except (RuntimeError, AttributeError) as exc:
-            logger.warning("GPU training unavailable, training on CPU: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - any GPU set-up failure (faiss-cpu raises NameError) -> CPU
+            logger.warning("GPU training unavailable, training on CPU: %r", exc)
     logger.info("training %s on %d vectors", factory, len(sample))
     index.train(np.ascontiguousarray(sample, dtype=np.float32))
     return index
@@ -138,8 +138,8 @@ def to_search_device(index: faiss.Index) -> faiss.Index:
         return index
     try:
         return faiss.index_cpu_to_all_gpus(index)
-    except (RuntimeError, AttributeError) as exc:  # e.g. HNSW has no GPU version
-        logger.info("searching on CPU (%s)", exc)
+    except Exception as exc:  # noqa: BLE001 - e.g. HNSW has no GPU version; faiss-cpu raises NameError
+        logger.info("searching on CPU (%r)", exc)
         return index
 
 

@@ -251,6 +251,8 @@ class Index(QueryMixin):
             raise ValueError(f"{len(vectors)} vectors but {len(rows)} rows")
         if not np.isfinite(vectors).all():
             raise ValueError("vectors contain NaN or infinite values")
+        if len(vectors) and np.abs(vectors).max() > np.finfo(np.float16).max:
+            raise ValueError("vector values exceed the float16 range of the vector store (normalise them)")
         if not len(rows):
             return np.zeros(0, dtype=np.int64)
         rows = [_split_path(r) for r in rows]

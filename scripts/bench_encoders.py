@@ -1,7 +1,7 @@
 """Encoder throughput: images/s and texts/s at a few batch sizes, and the PIL pipeline's overhead.
 
     python scripts/bench_encoders.py --model tests/fixtures/internvl_cg_tiny [--mode internvl-g]
-        [--device cpu] [--batch-sizes 1,8,32] [--image-size 640x480] [--repeats 3]
+        [--device cpu] [--batch-sizes 1,8,32] [--image-size 640x480] [--repeats 2] [--threads 1]
 
 For every batch size, in one run: ``encode_images`` on PIL images (decode-free, but preprocessing included),
 ``encode_pixels`` on ready tensors (model only), their ratio (the preprocessing overhead), and
@@ -60,9 +60,9 @@ def main() -> None:
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default per device)")
     p.add_argument("--batch-sizes", default="1,8,32", help="comma-separated batch sizes")
     p.add_argument("--image-size", default="640x480", help="WxH of the synthetic PIL images")
-    p.add_argument("--batches", type=int, default=2, help="batches per timing")
-    p.add_argument("--repeats", type=int, default=3, help="timings per measurement (best is kept)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--batches", type=int, default=1, help="batches per timing")
+    p.add_argument("--repeats", type=int, default=2, help="timings per measurement (best is kept)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a busy shared machine)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.threads:

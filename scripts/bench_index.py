@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -122,9 +123,7 @@ def main() -> None:
         rec = np.mean([len(set(f) & set(t)) / args.k for f, t in zip(r["found"], truth, strict=True)])
         print(f"{r['type']:8} {r['factory']:24} {r['build_s']:9.1f} {r['faiss_mb']:9.0f} {r['rss_mb']:8.0f} "
               f"{r['qps']:9.0f} {r['latency_ms']:9.2f} {rec:10.4f}")  # fmt: skip
-    for r in results:
-        for path in sorted(r["folder"].rglob("*"), reverse=True):
-            path.unlink() if path.is_file() else path.rmdir()
+    shutil.rmtree(work)
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MB")
 
 

@@ -162,8 +162,10 @@ async def _event_stream(service: Service, sources: list[dict], pieces: Iterator[
         yield sse({"detail": "generation failed"}, event="error")
     finally:
         close = getattr(pieces, "close", None)
-        if close is not None:  # stops generation early when the client went away
-            await service.run_chat(close)
+        if close is not None and service.chat_executor is not None:
+            # stops generation early when the client went away; queued behind any running next() on the
+            # chat thread, and not awaited: this task may already be cancelled
+            service.chat_executor.submit(close)
 
 
 @router.post(

@@ -56,7 +56,7 @@ def _validate(data: dict[str, Any] | bytes) -> SearchRequest:
 async def _parse(request: Request) -> tuple[SearchRequest, bytes | None]:
     """The request and the raw image bytes (None for text / image_id queries)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type == "multipart/form-data":
+    if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
         form = await request.form(max_files=1, max_fields=8)
         fields: dict[str, Any] = {}
         raw: bytes | None = None

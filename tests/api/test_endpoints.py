@@ -228,3 +228,29 @@ def test_images_outside_root_are_refused(tmp_path: Path) -> None:
         with pytest.raises(HTTPException) as err:
             resolve_indexed_file(row, [])
         assert err.value.status_code == 404
+
+
+@pytest.mark.parametrize("raw", [b"[]", b"null", b"1", b'"text"', b"", b"\xff\xfe"])
+def test_search_odd_json_bodies_are_4xx(client: httpx.Client, raw: bytes) -> None:
+    r = client.post("/search", content=raw, headers={"content-type": "application/json; charset=utf-8"})
+    assert r.status_code in (400, 422), r.text
+    assert "detail" in r.json()
+
+
+def test_search_multipart_variants(client: httpx.Client, image_root: Path) -> None:
+    data = sorted(image_root.glob("*.png"))[1].read_bytes()
+    r = client.post("/search", data={"image": b64(data), "k": "1"})  # base64 text field instead of a file
+    assert r.status_code == 200 and r.json()["results"][0]["path"].endswith("img1.png")
+    r = client.post("/search", files=[("image", ("a.png", data)), ("image", ("b.png", data))])
+    assert r.status_code in (400, 422) and "detail" in r.json()
+    r = client.post("/search", data={"image_id": "not a number"})
+    assert r.status_code == 422
+    r = client.post("/search", data={"text": "x", "k": "0"})
+    assert r.status_code == 422
+    r = client.post("/search", files={"other": ("a.png", data)})
+    assert r.status_code == 422 and "'other'" in r.json()["detail"]
+
+
+def test_validation_errors_do_not_echo_the_input(client: httpx.Client) -> None:
+    r = client.post("/search", json={"image": "A" * 100_000, "text": "x"})
+    assert r.status_code == 422 and len(r.content) < 2_000

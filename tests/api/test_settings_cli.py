@@ -12,7 +12,7 @@ import httpx
 import pytest
 from api_helpers import free_port
 
-from api.__main__ import parse_args, settings_from_args
+from api.__main__ import main, parse_args, settings_from_args
 from api.app import create_app
 from api.settings import Settings
 
@@ -93,7 +93,9 @@ def test_python_m_api_serves_the_fixture_model(fake_index_dir: Path) -> None:
         proc.wait(timeout=30)
 
 
-def test_cli_requires_index_and_model() -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IVL_")}
-    out = subprocess.run([sys.executable, "-m", "api"], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert out.returncode != 0 and "--index DIR and --model PATH are required" in out.stderr
+def test_cli_requires_index_and_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith("IVL_"):
+            monkeypatch.delenv(key)
+    with pytest.raises(SystemExit, match="--index DIR and --model PATH are required"):
+        main([])

@@ -219,32 +219,34 @@ class ReferenceLLM:
     @torch.no_grad()
     def greedy(self, embeds: torch.Tensor, stop_id: int, max_new_tokens: int) -> dict[str, Any]:
         """Greedy decoding with a KV cache as generate() does: ids up to and including the stop token."""
-        out = self.model(
-            inputs_embeds=embeds[None], attention_mask=self._mask(0, embeds.shape[0]), use_cache=True
-        )
-        prefill = out.logits[0]
-        logits, cache, length = out.logits[0, -1], out.past_key_values, embeds.shape[0]
+        base = self.model.model
+        out = base(inputs_embeds=embeds[None], attention_mask=self._mask(0, embeds.shape[0]), use_cache=True)
+        hidden, cache, length = out.last_hidden_state[0], out.past_key_values, embeds.shape[0]
+        states = [hidden[-1]]
         ids, step_logits, margins = [], [], []
         for _ in range(max_new_tokens):
+            logits = states[-1] @ self.head.T
             top2 = logits.topk(2).values
             token = int(logits.argmax())
             ids.append(token)
             step_logits.append(logits)
             margins.append(float(top2[0] - top2[1]))
-            if token == stop_id:
+            if token == stop_id or len(ids) == max_new_tokens:
                 break
-            out = self.model(
+            out = base(
                 inputs_embeds=self.embed(torch.tensor([[token]])),
                 past_key_values=cache,
                 attention_mask=self._mask(length, 1),
                 use_cache=True,
             )
-            logits, cache, length = out.logits[0, -1], out.past_key_values, length + 1
+            states.append(out.last_hidden_state[0, -1])
+            cache, length = out.past_key_values, length + 1
         return {
             "ids": ids,
-            "prefill_logits": prefill,
+            "prefill_logits": hidden @ self.head.T,
             "step_logits": torch.stack(step_logits),
             "margins": margins,
+            "hidden": torch.stack(states),  # what the lm head saw at each step
         }
 
     @torch.no_grad()
@@ -322,24 +324,26 @@ class InternLM2Reference:
     @torch.no_grad()
     def greedy(self, embeds: torch.Tensor, stop_id: int, max_new_tokens: int) -> dict[str, Any]:
         """Greedy decoding (full recompute per step; RoPE is static here): ids up to the stop token."""
-        prefill = self.last_hidden(embeds) @ self.head.T
-        logits, seq = prefill[-1], embeds
+        hidden = self.last_hidden(embeds)
+        seq, states = embeds, [hidden[-1]]
         ids, step_logits, margins = [], [], []
         for _ in range(max_new_tokens):
+            logits = states[-1] @ self.head.T
             top2 = logits.topk(2).values
             token = int(logits.argmax())
             ids.append(token)
             step_logits.append(logits)
             margins.append(float(top2[0] - top2[1]))
-            if token == stop_id:
+            if token == stop_id or len(ids) == max_new_tokens:
                 break
             seq = torch.cat([seq, self.embed(torch.tensor([token]))])
-            logits = self.last_hidden(seq)[-1] @ self.head.T
+            states.append(self.last_hidden(seq)[-1])
         return {
             "ids": ids,
-            "prefill_logits": prefill,
+            "prefill_logits": hidden @ self.head.T,
             "step_logits": torch.stack(step_logits),
             "margins": margins,
+            "hidden": torch.stack(states),
         }
 
 

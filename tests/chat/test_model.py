@@ -16,7 +16,14 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, Qwen2Config
 
 from chat import load_chat_model
-from chat.convert import CheckpointError, native_config, split_internlm2_wqkv, text_config
+from chat.convert import (
+    CheckpointError,
+    chat_settings,
+    native_config,
+    split_internlm2_wqkv,
+    text_config,
+    vision_config,
+)
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 IMAGE_KEYS = ["wide", "tall", "tiny", "rgba"]
@@ -248,3 +255,35 @@ def test_unknown_model_type_is_refused(tmp_path: Path) -> None:
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="neither 'internvl_chat'"):
         load_chat_model(folder, device="cpu")
+
+
+def test_tied_head_only_when_the_checkpoint_has_none(tmp_path: Path) -> None:
+    folder = _copy_fixture(tmp_path, "internvl_chat_qwen2_tiny")
+    state = load_file(folder / "model.safetensors")
+    del state["language_model.lm_head.weight"]
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match="missing_keys.*lm_head"):  # llm_config says untied
+        load_chat_model(folder, device="cpu")
+    config = json.loads((folder / "config.json").read_text())
+    config["llm_config"]["tie_word_embeddings"] = True
+    (folder / "config.json").write_text(json.dumps(config))
+    model = load_chat_model(folder, device="cpu").model
+    assert torch.equal(model.lm_head.weight, model.get_input_embeddings().weight)
+
+
+def test_config_defaults_are_the_reference_defaults() -> None:
+    config = json.loads((FIXTURES / "internvl_chat_tiny" / "config.json").read_text())
+    for key in ("qk_normalization", "norm_type", "qkv_bias"):
+        config["vision_config"].pop(key)
+    for key in ("ps_version", "dynamic_image_size", "use_thumbnail", "max_dynamic_patch"):
+        config.pop(key)
+    vc = vision_config(config)
+    assert (
+        vc.use_qk_norm is True and vc.norm_type == "rms_norm" and vc.attention_bias is False
+    )  # InternViT-6B
+    settings = chat_settings(config)
+    assert (settings.ps_version, settings.dynamic_image_size, settings.use_thumbnail) == ("v1", False, False)
+    assert settings.max_dynamic_patch == 6
+    config.pop("template")
+    with pytest.raises(CheckpointError, match="template"):
+        chat_settings(config)

@@ -1,16 +1,25 @@
 """Original-format checkpoints the golden fixtures do not cover, checked against an independent reference.
 
-Tiny checkpoints are built here (``_synthetic``): a Phi-3 LLM (Mini-InternVL-Chat-4B-V1-5 layout: fused
-``qkv_proj`` / ``gate_up_proj``, ``su`` rope scaling, template ``phi3-chat``) and InternViT-6B-style vision
-towers (InternVL-Chat-V1-5 / V1-2-Plus: ``rms_norm``, q/k RMSNorm, no qkv bias, ``select_layer`` -1 / -4,
-``ps_version`` v1 / v2) with a LLaMA LLM. ``chat.load_chat_model`` must match the reference
-(``_synthetic_reference``, written from the official code) within the golden fixtures' tolerances:
-vision ``1e-5 + 1e-5|e|``, logits ``1e-4 + 1e-4|e|``, greedy ids and texts exact.
+Tiny checkpoints are built here in about a second each (``_synthetic``):
+
+* ``phi3``: Phi-3 LLM (Mini-InternVL-Chat-4B-V1-5 layout: fused ``qkv_proj`` / ``gate_up_proj``, ``su``
+  rope scaling whose short/long switch is crossed while decoding, template ``phi3-chat``, stop ``<|end|>``);
+* ``phi3_window``: Phi-3 with a sliding window shorter than the prompts;
+* ``vit6b_v1`` / ``vit6b_v2_layer-4``: InternViT-6B-style vision (InternVL-Chat-V1-2-Plus / V1-5:
+  ``rms_norm``, q/k RMSNorm over all heads, no qkv bias, ``ps_version`` v1 / v2, ``select_layer`` -1 / -4)
+  with a LLaMA LLM;
+* ``internlm2_vit6b``: InternViT-6B + InternLM2 with q/k/v/o biases and 4 query heads per kv head.
+
+``chat.load_chat_model`` must match the reference (``_synthetic_reference``, written from the official code,
+not importing ``chat``) within the golden fixtures' tolerances: vision ``1e-5 + 1e-5|e|``, logits
+``1e-4 + 1e-4|e|``, prompts, token ids, greedy ids (chat, multi-turn, batch_chat, stream) and texts exact.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +68,7 @@ SPECS = [
     Spec(
         name="vit6b_v1", llm="llama", template="Hermes-2", vision="6b", vit_layers=3, ps_version="v1", seed=5
     ),
-    # InternVL-Chat-V1-5 layout: InternViT-6B + InternLM2 (here with q/k/v/o biases, 4 query heads per kv head)
+    # InternVL-Chat-V1-5 layout: InternViT-6B + InternLM2 (with q/k/v/o biases, 4 query heads per kv head)
     Spec(
         name="internlm2_vit6b",
         llm="internlm2",
@@ -121,6 +130,7 @@ class Built:
     img_context_id: int
     pixels: dict[str, torch.Tensor] = field(default_factory=dict)
     cases: dict[str, dict[str, Any]] = field(default_factory=dict)
+    batch: list[dict[str, Any]] = field(default_factory=list)
     chat_model: Any = None
 
     @property
@@ -149,13 +159,15 @@ def _case_inputs(b: Built, name: str) -> tuple[str, list[int], torch.Tensor | No
     return question, tiles, pixels, history
 
 
-def _reference_case(b: Built, llm: ReferenceLLM | InternLM2Reference, name: str) -> dict[str, Any]:
+def _reference_case(
+    b: Built, llm: ReferenceLLM | InternLM2Reference, name: str, max_new_tokens: int = MAX_NEW
+) -> dict[str, Any]:
     question, tiles, pixels, history = _case_inputs(b, name)
     query = reference_query(b.template, question, tiles, b.num_image_token, history)
     ids = torch.tensor(b.tokenizer.encode(query))
     vit = extract_feature(b.state, b.config, pixels) if pixels is not None else None
     embeds = merge_image_embeds(llm, ids, None if vit is None else vit["vit_embeds"], b.img_context_id)
-    result = llm.greedy(embeds, b.stop_id, MAX_NEW)
+    result = llm.greedy(embeds, b.stop_id, max_new_tokens)
     recorded = (
         question if history is not None or not tiles or "<image>" in question else "<image>\n" + question
     )
@@ -171,6 +183,27 @@ def _reference_case(b: Built, llm: ReferenceLLM | InternLM2Reference, name: str)
     }
 
 
+BATCH_QUESTIONS = ["<image>\nDescribe the image in detail.", "What is shown here?"]
+BATCH_TILES = [2, 3]  # the two_images tiles, one image per question
+
+
+def _reference_batch(b: Built, llm: ReferenceLLM | InternLM2Reference) -> list[dict[str, Any]]:
+    """batch_chat(): per question its own query (``<image>\n`` prepended when missing), left-padded into one
+    batch; valid positions equal the single-sample run, so each sample is decoded on its own here."""
+    out = []
+    for question, tiles in zip(BATCH_QUESTIONS, _split(b.pixels["two_images"], BATCH_TILES), strict=True):
+        query = reference_query(b.template, question, [len(tiles)], b.num_image_token)
+        ids = torch.tensor(b.tokenizer.encode(query))
+        vit = extract_feature(b.state, b.config, tiles)["vit_embeds"]
+        result = llm.greedy(merge_image_embeds(llm, ids, vit, b.img_context_id), b.stop_id, MAX_NEW)
+        out.append({"query": query, "input_ids": ids, **result, "text": b.decode(result["ids"])})
+    return out
+
+
+def _split(pixels: torch.Tensor, tiles: list[int]) -> list[torch.Tensor]:
+    return list(torch.split(pixels, tiles))
+
+
 def _engineer(b: Built, llm: ReferenceLLM | InternLM2Reference) -> None:
     """Rewrite lm-head rows so greedy decoding of EVENT_CASE emits each event token exactly at its step.
 
@@ -178,22 +211,11 @@ def _engineer(b: Built, llm: ReferenceLLM | InternLM2Reference) -> None:
     """
     head = llm.head
     for step, token in sorted(b.events):
-        case = _reference_case(b, llm, EVENT_CASE)
-        seq = case["embeds"]
-        gen = case["ids"][:step]
-        assert len(gen) == step, f"generation stopped before step {step}"
-        full = torch.cat([seq, llm.embed(torch.tensor(gen))]) if gen else seq
-        hidden = llm.last_hidden(full)[seq.shape[0] - 1 :]  # [step + 1, H]
+        case = _reference_case(b, llm, EVENT_CASE, max_new_tokens=step + 1)
+        assert len(case["ids"]) == step + 1, f"generation stopped before step {step}"
         # keep the token out of the other prompts' answers (they should run to max_new_tokens)
-        for name in ("text_only", "two_images"):
-            other = _reference_case(b, llm, name)
-            prompt = other["embeds"]
-            run = (
-                torch.cat([prompt, llm.embed(torch.tensor(other["ids"][:-1]))])
-                if len(other["ids"]) > 1
-                else prompt
-            )
-            hidden = torch.cat([hidden, llm.last_hidden(run)[prompt.shape[0] - 1 :]])
+        others = [_reference_case(b, llm, name)["hidden"] for name in ("text_only", "two_images")]
+        hidden = torch.cat([case["hidden"], *others])  # event case rows first
         logits = hidden @ head.T
         logits[:, token] = -float("inf")
         best = logits.max(dim=-1).values
@@ -239,6 +261,7 @@ def build(spec: Spec, folder: Path) -> Built:
     save_weights(state, folder)
     for name, *_ in CASES:
         b.cases[name] = _reference_case(b, llm, name)
+    b.batch = _reference_batch(b, llm)
     got = b.cases[EVENT_CASE]["ids"]
     assert all(len(got) > s and got[s] == t for s, t in b.events), f"events not engineered: {got}"
     return b
@@ -423,24 +446,27 @@ PHI3_TOKEN_VARIANTS = [
 ]
 
 
-def _phi3_tokenizers(tmp_path: Path, in_special_map: bool) -> tuple[Any, SlowLlamaTokenizerReference]:
+@functools.lru_cache(maxsize=2)
+def _phi3_tokenizers(in_special_map: bool) -> tuple[Any, SlowLlamaTokenizerReference]:
     from chat.prompt import load_tokenizer
 
     spec = Spec(name="tok", llm="phi3", template="phi3-chat", phi3_tokens_in_special_map=in_special_map)
-    write_checkpoint(spec, tmp_path)
+    with tempfile.TemporaryDirectory(prefix="phi3_tokenizer_") as tmp:
+        write_checkpoint(spec, Path(tmp))
+        tokenizer = load_tokenizer(Path(tmp))
     special = set(special_map_tokens(spec)) | {"<|endoftext|>"}
     reference = SlowLlamaTokenizerReference(
         str(GOLDEN / "tokenizer.model"), added_tokens(spec), special, add_bos=True
     )
-    return load_tokenizer(tmp_path), reference
+    return tokenizer, reference
 
 
 @pytest.mark.parametrize("in_special_map", PHI3_TOKEN_VARIANTS)
-def test_phi3_answer_decoding_matches_slow_reference(tmp_path: Path, in_special_map: bool) -> None:
+def test_phi3_answer_decoding_matches_slow_reference(in_special_map: bool) -> None:
     """chat()'s answer text: ``decode(skip_special_tokens=True).split('<|end|>')[0].strip()`` as in 4.37."""
     from chat.templates import get_template
 
-    tokenizer, reference = _phi3_tokenizers(tmp_path, in_special_map)
+    tokenizer, reference = _phi3_tokenizers(in_special_map)
     template = get_template("phi3-chat")
     the, what = reference.sp.piece_to_id("▁The"), reference.sp.piece_to_id("▁What")
     for ids in ([the, 32000, what, 32018, the, 32007], [the, 32010, what, 32001, the, 32007], [32002, the]):
@@ -449,7 +475,7 @@ def test_phi3_answer_decoding_matches_slow_reference(tmp_path: Path, in_special_
 
 
 @pytest.mark.parametrize("in_special_map", PHI3_TOKEN_VARIANTS)
-def test_phi3_tokenizer_matches_slow_reference(tmp_path: Path, in_special_map: bool) -> None:
+def test_phi3_tokenizer_matches_slow_reference(in_special_map: bool) -> None:
     """Prompt ids of a phi3-chat folder equal transformers 4.37's slow LlamaTokenizer (what chat() used).
 
     Phi-3's role tokens eat the whitespace after them (``rstrip``). When they are added tokens but not in
@@ -458,7 +484,7 @@ def test_phi3_tokenizer_matches_slow_reference(tmp_path: Path, in_special_map: b
     """
     from chat.prompt import tokenize_batch
 
-    tokenizer, reference = _phi3_tokenizers(tmp_path, in_special_map)
+    tokenizer, reference = _phi3_tokenizers(in_special_map)
     history = [("<image>\nPlease describe the image shortly.", "A cat.")]
     for question, tiles, hist in [(c[1], c[2], None) for c in CASES] + [("And now?", [1], history)]:
         query = reference_query(PHI3_CHAT, question, tiles, 4, hist)
@@ -483,3 +509,14 @@ def test_phi3_yarn_rope_matches_reference(tmp_path: Path) -> None:
     for positions in (torch.arange(20)[None], torch.arange(200)[None]):
         for got, want in zip(rotary(x, positions), reference(x, positions), strict=True):
             assert_close(got, want, 1e-6, f"yarn rope up to {positions.max().item()}")
+
+
+def test_batch_chat(built: Built) -> None:
+    """batch_chat(): one image per question in a left-padded batch; ids and texts equal single-sample runs."""
+    cm = built.chat_model
+    pixels = built.pixels["two_images"]
+    config = cm.generation_config(max_new_tokens=MAX_NEW)
+    queries = [sample["query"] for sample in built.batch]
+    assert cm.generate_ids(queries, pixels, generation_config=config) == [s["ids"] for s in built.batch]
+    answers = cm.batch_chat(BATCH_QUESTIONS, pixels, BATCH_TILES, max_new_tokens=MAX_NEW)
+    assert answers == [sample["text"] for sample in built.batch]

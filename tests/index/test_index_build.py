@@ -43,6 +43,15 @@ def test_build_lifecycle(tmp_path, encoder):
     assert sorted(indexed_paths(index_dir)) == sorted(str(p) for p in images)
     manifest = json.loads((index_dir / "manifest.json").read_text())
     assert manifest["model"] == encoder.name and manifest["embed_dim"] == encoder.embed_dim
+    assert manifest["faiss_factory"] == "IDMap2,Flat"  # exact while small
+
+    # every indexed image's own embedding (encoded on its own, outside the build) retrieves it at rank 1
+    idx = Index.open(index_dir)
+    queries = encoder.encode_images([open_image(p) for p in images])
+    ids, _, found = idx.search(queries, 1)
+    assert [f[0]["path"] for f in found] == [str(p) for p in images]
+    np.testing.assert_allclose(idx.get_vectors(ids[:, 0]), queries, atol=2e-3)  # stored = image embeddings
+    idx.close()
 
     # 2. second run: nothing added, nothing encoded, bad files still reported
     second = build([photos], index_dir, encoder)
@@ -78,18 +87,6 @@ def test_build_lifecycle(tmp_path, encoder):
     assert found[0][0]["path"] == str(changed) and found[0][0]["score"] == pytest.approx(1.0, abs=5e-3)
     paths = [r["path"] for r in idx.get(idx.ids().tolist())]
     assert len(paths) == len(set(paths)) == 202
-
-
-def test_every_image_retrieves_itself_at_rank_1(tmp_path, encoder):
-    photos = tmp_path / "photos"
-    images = make_images(photos, 60)
-    build([photos], tmp_path / "index", encoder, index_type="flat")
-    idx = Index.open(tmp_path / "index")
-    queries = encoder.encode_images([open_image(p) for p in images])  # each image encoded on its own
-    ids, scores, found = idx.search(queries, 1)
-    assert [f[0]["path"] for f in found] == [str(p) for p in images]
-    own = idx.get_vectors(ids[:, 0])
-    np.testing.assert_allclose(own, queries, atol=2e-3)  # the stored vectors are the images' embeddings
 
 
 def test_other_model_is_refused(tmp_path, encoder):

@@ -124,6 +124,8 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         idx.add(unit(2), rows(3))
     with pytest.raises(ValueError, match="NaN"):
         idx.add(np.full((1, DIM), np.nan), rows(1))
+    with pytest.raises(ValueError, match="float16"):
+        idx.add(np.full((1, DIM), 1e6), rows(1))
     with pytest.raises(ValueError, match="JSON"):
         idx.add(unit(1), [{"path": "/x.jpg", "blob": object()}])
     assert len(idx) == 0

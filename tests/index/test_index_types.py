@@ -107,3 +107,17 @@ def test_rebuild_changes_type_without_reencoding(tmp_path):
     idx.rebuild("ivf-flat")
     assert idx.manifest["index_type"] == "ivf-flat" and idx.manifest["faiss_factory"].startswith("IVF")
     assert Index.open(tmp_path / "ix").search(x[:20], 1)[0][:, 0].tolist() == list(range(20))
+
+
+def test_gpu_path_falls_back_to_cpu_with_same_results(tmp_path, monkeypatch):
+    x = clustered(3000)
+    idx = Index.create(tmp_path / "ix", DIM, model="m", index_type="ivf-flat")
+    idx.add(x, [{"path": f"/x/{i}.jpg"} for i in range(len(x))])
+    idx.save(full=True)
+    cpu_ids, cpu_scores, _ = Index.open(tmp_path / "ix").search(x[:50], 5)
+    monkeypatch.setattr(fx, "gpu_count", lambda: 1)  # pretend faiss has a GPU: faiss-cpu cannot use it
+    idx.rebuild()  # GPU training path -> CPU fallback
+    reader = Index.open(tmp_path / "ix")
+    ids, scores, _ = reader.search(x[:50], 5)  # GPU search path -> CPU fallback
+    assert reader._search_index is reader._faiss
+    assert recall(ids, cpu_ids) >= 0.95 and np.allclose(scores[:, 0], cpu_scores[:, 0], atol=1e-5)
