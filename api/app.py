@@ -56,9 +56,8 @@ def _check_index(index: Any, encoder: Encoder | None) -> None:
         logger.warning("index was built with model %r, serving with %r", model, encoder.name)
 
 
-async def _load(
-    app: FastAPI, service: Service, encoder: Encoder | None, chat_model: Any, opener: Callable
-) -> None:
+async def _load(service: Service, encoder: Encoder | None, chat_model: Any, opener: Callable) -> None:
+    """Load models (worker threads), open the index, start the watcher and the batchers."""
     s = service.settings
     if encoder is None and s.model:
         from retrieval import load_encoder
@@ -76,10 +75,12 @@ async def _load(
     service.chat_model = chat_model
     if s.index:
         holder = IndexHolder(s.index, opener)
-        holder.on_swap = lambda index: (
-            _check_index(index, encoder),
-            service.metrics.index_size.set(len(index)),
-        )
+
+        def accept(index: Any) -> None:  # runs before a (re)opened index is served
+            _check_index(index, encoder)
+            service.metrics.index_size.set(len(index))
+
+        holder.on_swap = accept
         await holder.load()
         service.index = holder
         if s.reload_interval_s > 0:
@@ -110,7 +111,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await _load(app, service, encoder, chat_model, index_opener or _open_index)
+        await _load(service, encoder, chat_model, index_opener or _open_index)
         service.ready = True
         logger.info(
             "ready: encoder=%s chat=%s index=%s", service.encoder, settings.chat_model, settings.index

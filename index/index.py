@@ -309,61 +309,78 @@ class Index(QueryMixin):
         with self._lock:
             if not self._writer:
                 self._acquire_writer()
-            factory = fx.choose_factory(
-                self._manifest["index_type"],
-                self._count,
-                self.dim,
-                int(self._manifest.get("memory_budget", fx.DEFAULT_MEMORY_BUDGET)),
+            try:
+                self._save(full)
+            except BaseException:
+                logger.error("saving %s failed: its unsaved changes are dropped", self.dir)
+                self._reset()
+                raise
+
+    def _reset(self) -> None:
+        """Back to the last committed state (after a failed save), as a reader."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        self._writer = False
+        self.vectors.forget()
+        try:
+            self._load(read_manifest(self.dir))
+        except (OSError, ValueError) as exc:
+            logger.error("cannot reload %s: %s", self.dir, exc)
+
+    def _save(self, full: bool) -> None:
+        """The body of :meth:`save` (lock held)."""
+        factory = fx.choose_factory(
+            self._manifest["index_type"],
+            self._count,
+            self.dim,
+            int(self._manifest.get("memory_budget", fx.DEFAULT_MEMORY_BUDGET)),
+        )
+        if not (self._changed or factory != self._factory or self._rebuild_needed or (full and self._delta)):
+            return
+        new_gen = self._gen + 1
+        pending = self._pending_map()
+        next_seg = self._pending_seg
+        if pending is not None:
+            self.vectors.write(self._pending_seg, pending[self._pending_seg])
+            next_seg += 1
+        merge = maintenance.plan_merge(self.store.segment_live_counts())
+        if merge:
+            maintenance.merge_segments(self.store, self.vectors, merge, next_seg, self._view, pending)
+            next_seg += 1
+        manifest = dict(self._manifest)
+        write_faiss = (
+            full
+            or factory != self._factory
+            or self._rebuild_needed
+            or self._delta >= max(4096, int(manifest["faiss_count"]) // 2)
+        )
+        # ids the FAISS index cannot remove (HNSW) must not reach a written file
+        if factory != self._factory or self._rebuild_needed or (write_faiss and self._dead):
+            self._faiss = maintenance.rebuild_faiss(
+                self.store, self.vectors, self._view, factory, self.dim, self.metric, pending
             )
-            if not (
-                self._changed or factory != self._factory or self._rebuild_needed or (full and self._delta)
-            ):
-                return
-            new_gen = self._gen + 1
-            pending = self._pending_map()
-            next_seg = self._pending_seg
-            if pending is not None:
-                self.vectors.write(self._pending_seg, pending[self._pending_seg])
-                next_seg += 1
-            merge = maintenance.plan_merge(self.store.segment_live_counts())
-            if merge:
-                maintenance.merge_segments(self.store, self.vectors, merge, next_seg, self._view, pending)
-                next_seg += 1
-            manifest = dict(self._manifest)
-            write_faiss = (
-                full
-                or factory != self._factory
-                or self._rebuild_needed
-                or self._delta >= max(4096, int(manifest["faiss_count"]) // 2)
-            )
-            # ids the FAISS index cannot remove (HNSW) must not reach a written file
-            if factory != self._factory or self._rebuild_needed or (write_faiss and self._dead):
-                self._faiss = maintenance.rebuild_faiss(
-                    self.store, self.vectors, self._view, factory, self.dim, self.metric, pending
-                )
-                self._factory, self._dead, self._rebuild_needed = factory, set(), False
-                self._apply_search_params()
-            if write_faiss:
-                name = f"faiss/{new_gen:08d}.faiss"
-                fx.write(self._faiss, self.dir / name)
-                manifest.update(
-                    faiss_file=name,
-                    faiss_generation=new_gen,
-                    faiss_factory=self._factory,
-                    faiss_count=int(self._faiss.ntotal),
-                )
+            self._factory, self._dead, self._rebuild_needed = factory, set(), False
+            self._apply_search_params()
+        if write_faiss:
+            name = f"faiss/{new_gen:08d}.faiss"
+            fx.write(self._faiss, self.dir / name)
             manifest.update(
-                generation=new_gen, count=self._count, next_segment=next_seg, updated_at=time.time()
+                faiss_file=name,
+                faiss_generation=new_gen,
+                faiss_factory=self._factory,
+                faiss_count=int(self._faiss.ntotal),
             )
-            write_manifest(self.dir, manifest)  # the commit point
-            previous = self._manifest
-            self._manifest, self._gen = manifest, new_gen
-            self._pending, self._pending_n, self._pending_cat = [], 0, None
-            self._pending_seg, self._changed = next_seg, False
-            if write_faiss:
-                self._delta = 0
-            self._cleanup(previous.get("faiss_file"))
-            logger.debug("saved %s generation %d (%d rows)", self.dir, new_gen, self._count)
+        manifest.update(generation=new_gen, count=self._count, next_segment=next_seg, updated_at=time.time())
+        write_manifest(self.dir, manifest)  # the commit point
+        previous = self._manifest
+        self._manifest, self._gen = manifest, new_gen
+        self._pending, self._pending_n, self._pending_cat = [], 0, None
+        self._pending_seg, self._changed = next_seg, False
+        if write_faiss:
+            self._delta = 0
+        self._cleanup(previous.get("faiss_file"))
+        logger.debug("saved %s generation %d (%d rows)", self.dir, new_gen, self._count)
 
     def rebuild(self, index_type: str | None = None) -> None:
         """Rebuild (and retrain) the FAISS index from the stored vectors, optionally changing its type."""

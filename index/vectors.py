@@ -56,6 +56,13 @@ class VectorStore:
         """Durably write segment ``seg`` (``(n, D)``, stored as float16)."""
         arr = np.ascontiguousarray(vectors, dtype=np.float16).reshape(-1, self.dim)
         atomic_write(self.path(seg), lambda fh: np.save(fh, arr, allow_pickle=False))
+        with self._lock:
+            self._maps.pop(seg, None)
+
+    def forget(self) -> None:
+        """Drop cached memory maps (they are reopened on the next read)."""
+        with self._lock:
+            self._maps.clear()
 
     def segment(self, seg: int) -> np.ndarray:
         """Memory-mapped ``(n, D)`` float16 view of one segment."""
