@@ -8,6 +8,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 
 from retrieval.zero_shot_templates import DEFAULT_TEMPLATES
 
+MIN_SAMPLING_TEMPERATURE = 0.01  # below: greedy (tiny temperatures overflow the logits to inf)
 MAX_PROMPTS = 20_000  # labels x templates encoded per /classify request
 MAX_ID = 2**53 - 1  # largest id exactly representable in JSON numbers (and JavaScript)
 
@@ -119,7 +120,9 @@ class ChatRequest(BaseModel):
         None, max_length=64, description="[user, assistant] pairs"
     )
     max_new_tokens: int = Field(512, ge=1, le=4096)
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    temperature: float = Field(
+        0.0, ge=0.0, le=2.0, description="0 = greedy decoding (so is anything below 0.01); above: sampling"
+    )
     max_num_tiles: int | None = Field(None, ge=1, le=40)
     stream: bool = False
 

@@ -15,6 +15,7 @@ here, once at load time, so the native classes run them without any remote code:
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -117,13 +118,25 @@ def text_config(config: Mapping[str, Any], *, tie_word_embeddings: bool = False)
         return LlamaConfig(**llm)
     model_type = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Phi3ForCausalLM": "phi3"}[arch]
     if model_type == "phi3":
-        scaling = llm.get("rope_scaling")
-        if isinstance(scaling, dict) and scaling.get("type") in (
-            "su",
-            "yarn",
-        ):  # Phi-3 128k: "su" == longrope
-            llm["rope_scaling"] = {**scaling, "type": "longrope"}
+        llm["rope_scaling"] = _phi3_rope_scaling(llm)
     return AutoConfig.for_model(model_type, **llm)
+
+
+def _phi3_rope_scaling(llm: Mapping[str, Any]) -> Any:
+    """Phi-3's ``su`` / ``yarn`` scaling -> transformers' ``longrope`` (same per-frequency factors).
+
+    They differ only in the cos/sin scale: su ``sqrt(1 + ln s / ln L0)`` (longrope's default), yarn
+    ``0.1 ln s + 1`` (the reference ``Phi3YarnScaledRotaryEmbedding``), s = max / original max positions.
+    """
+    scaling = llm.get("rope_scaling")
+    if not isinstance(scaling, dict) or scaling.get("type") not in ("su", "yarn", "longrope"):
+        return scaling
+    out = {**scaling, "type": "longrope"}
+    if scaling["type"] == "yarn":
+        original = llm.get("original_max_position_embeddings") or llm["max_position_embeddings"]
+        scale = llm["max_position_embeddings"] / original
+        out["attention_factor"] = 0.1 * math.log(scale) + 1.0 if scale > 1.0 else 1.0
+    return out
 
 
 def vision_config(config: Mapping[str, Any]) -> InternVLVisionConfig:

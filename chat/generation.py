@@ -9,7 +9,7 @@ character, no partial separator).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -95,6 +95,42 @@ def iter_new_tokens(
         )
 
 
+class AnswerDecoder:
+    """``decode(ids, skip_special_tokens=True)`` as the reference tokenizer (transformers 4.37, slow) did.
+
+    Only the special-tokens map (bos/eos/unk/pad + additional special tokens) is skipped; other added
+    tokens (e.g. Phi-3's ``<|user|>`` when not in the map) stay as text, and the text segments around them
+    are joined with a space (``spaces_between_special_tokens``). Without such tokens this equals the
+    tokenizer's own decode of the non-special ids.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        self.special = set(tokenizer.all_special_ids)
+        self.kept = {i: t for t, i in tokenizer.get_added_vocab().items() if i not in self.special}
+
+    def __call__(self, ids: Iterable[int]) -> str:
+        texts: list[str] = []
+        run: list[int] = []
+        for i in ids:
+            if i in self.special:
+                continue
+            if i in self.kept:
+                self._flush(run, texts)
+                texts.append(self.kept[i])
+            else:
+                run.append(i)
+        self._flush(run, texts)
+        return " ".join(texts)
+
+    def _flush(self, run: list[int], texts: list[str]) -> None:
+        if run:
+            text = self.tokenizer.decode(run, skip_special_tokens=False)
+            if text:
+                texts.append(text)
+            run.clear()
+
+
 def _stable_end(text: str, stop: str) -> str:
     """``text`` without what may still change: trailing whitespace, replacement chars, a partial separator."""
     text = text.rstrip().rstrip("\ufffd").rstrip()
@@ -105,7 +141,7 @@ def _stable_end(text: str, stop: str) -> str:
 
 
 def incremental_text(
-    token_ids: Iterable[int], tokenizer: PreTrainedTokenizerBase, template: Any, stop_token_id: int
+    token_ids: Iterable[int], decode: Callable[[list[int]], str], template: Any, stop_token_id: int
 ) -> Iterator[str]:
     """Generated ids -> text pieces adding up to ``template.postprocess(decode(ids))``."""
     stop = template.stop_token
@@ -116,7 +152,7 @@ def incremental_text(
         ids.append(token)
         if cut:
             continue
-        text = tokenizer.decode(ids, skip_special_tokens=True)
+        text = decode(ids)
         if stop and stop in text:  # the separator was spelled out: the answer ends here
             cut = True
             text = text.split(stop)[0]
@@ -128,7 +164,7 @@ def incremental_text(
             emitted = stable
         if token == stop_token_id:
             break
-    final = template.postprocess(tokenizer.decode(ids, skip_special_tokens=True))
+    final = template.postprocess(decode(ids))
     if final.startswith(emitted):
         if len(final) > len(emitted):
             yield final[len(emitted) :]

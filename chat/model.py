@@ -19,7 +19,7 @@ from PIL import Image
 from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 from chat.convert import ChatSettings
-from chat.generation import NewTokensRepetitionPenalty, incremental_text, iter_new_tokens
+from chat.generation import AnswerDecoder, NewTokensRepetitionPenalty, incremental_text, iter_new_tokens
 from chat.prompt import build_batch_queries, build_query, stop_token_id, tokenize_batch
 from chat.templates import get_template
 from chat.tiling import tile_images
@@ -50,6 +50,7 @@ class ChatModel:
         self.num_image_token = settings.num_image_token
         self.img_context_token_id = int(model.config.image_token_id)
         self.stop_token_id = stop_token_id(tokenizer, self.template)
+        self._decode = AnswerDecoder(tokenizer)
         self.pad_token_id = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_token_id
         )
@@ -203,8 +204,9 @@ class ChatModel:
         return iter_new_tokens(self.model, input_ids, config, pixel_values=pixel_values)
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Answer text: special tokens skipped, cut at the separator, stripped."""
-        return self.template.postprocess(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+        """Answer text: special tokens skipped (as the reference tokenizer did), cut at the separator,
+        stripped."""
+        return self.template.postprocess(self._decode(list(ids)))
 
     def _prepare(
         self,
@@ -290,7 +292,7 @@ class ChatModel:
         )
         tokens = self.iter_ids(query, pixel_values, config)
         try:
-            yield from incremental_text(tokens, self.tokenizer, self.template, self.stop_token_id)
+            yield from incremental_text(tokens, self._decode, self.template, self.stop_token_id)
         finally:
             tokens.close()
 

@@ -20,14 +20,12 @@ import logging
 import os
 import sqlite3
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from index import faiss_index as fx
-from index import maintenance
 from index.manifest import (  # noqa: F401 - the errors are re-exported for ``from index.index import ...``
     IndexFormatError,
     IndexLockedError,
@@ -37,6 +35,7 @@ from index.manifest import (  # noqa: F401 - the errors are re-exported for ``fr
     read_manifest,
     write_manifest,
 )
+from index.persist import SaveMixin
 from index.query import QueryMixin
 from index.store import MetaStore
 from index.vectors import VectorStore
@@ -54,7 +53,7 @@ def _split_path(row: dict) -> dict:
     return row
 
 
-class Index(QueryMixin):
+class Index(SaveMixin, QueryMixin):
     """Vector index with row metadata; see the module docstring for the on-disk format."""
 
     def __init__(self, folder: Path, manifest: dict) -> None:
@@ -297,108 +296,3 @@ class Index(QueryMixin):
         with self._lock:
             self._acquire_writer()
             self.store.touch(updates)
-
-    # -------------------------------------------------------------------------------- saving
-    def save(self, *, full: bool = False) -> None:
-        """Commit all changes atomically (vectors, rows, FAISS, then the manifest last).
-
-        The FAISS file is rewritten when the pending delta has grown large, when the index type
-        calls for another structure (e.g. ``auto`` crossing to IVF, IVF lists outgrown), or with
-        ``full=True``; otherwise readers replay the small delta from SQLite on open.
-        """
-        with self._lock:
-            if not self._writer:
-                self._acquire_writer()
-            try:
-                self._save(full)
-            except BaseException:
-                logger.error("saving %s failed: its unsaved changes are dropped", self.dir)
-                self._reset()
-                raise
-
-    def _reset(self) -> None:
-        """Back to the last committed state (after a failed save), as a reader."""
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-        self._writer = False
-        self.vectors.forget()
-        try:
-            self._load(read_manifest(self.dir))
-        except (OSError, ValueError) as exc:
-            logger.error("cannot reload %s: %s", self.dir, exc)
-
-    def _save(self, full: bool) -> None:
-        """The body of :meth:`save` (lock held)."""
-        factory = fx.choose_factory(
-            self._manifest["index_type"],
-            self._count,
-            self.dim,
-            int(self._manifest.get("memory_budget", fx.DEFAULT_MEMORY_BUDGET)),
-        )
-        if not (self._changed or factory != self._factory or self._rebuild_needed or (full and self._delta)):
-            return
-        new_gen = self._gen + 1
-        pending = self._pending_map()
-        next_seg = self._pending_seg
-        if pending is not None:
-            self.vectors.write(self._pending_seg, pending[self._pending_seg])
-            next_seg += 1
-        merge = maintenance.plan_merge(self.store.segment_live_counts())
-        if merge:
-            maintenance.merge_segments(self.store, self.vectors, merge, next_seg, self._view, pending)
-            next_seg += 1
-        manifest = dict(self._manifest)
-        write_faiss = (
-            full
-            or factory != self._factory
-            or self._rebuild_needed
-            or self._delta >= max(4096, int(manifest["faiss_count"]) // 2)
-        )
-        # ids the FAISS index cannot remove (HNSW) must not reach a written file
-        if factory != self._factory or self._rebuild_needed or (write_faiss and self._dead):
-            self._faiss = maintenance.rebuild_faiss(
-                self.store, self.vectors, self._view, factory, self.dim, self.metric, pending
-            )
-            self._factory, self._dead, self._rebuild_needed = factory, set(), False
-            self._apply_search_params()
-        if write_faiss:
-            name = f"faiss/{new_gen:08d}.faiss"
-            fx.write(self._faiss, self.dir / name)
-            manifest.update(
-                faiss_file=name,
-                faiss_generation=new_gen,
-                faiss_factory=self._factory,
-                faiss_count=int(self._faiss.ntotal),
-            )
-        manifest.update(generation=new_gen, count=self._count, next_segment=next_seg, updated_at=time.time())
-        write_manifest(self.dir, manifest)  # the commit point
-        previous = self._manifest
-        self._manifest, self._gen = manifest, new_gen
-        self._pending, self._pending_n, self._pending_cat = [], 0, None
-        self._pending_seg, self._changed = next_seg, False
-        if write_faiss:
-            self._delta = 0
-        self._cleanup(previous.get("faiss_file"))
-        logger.debug("saved %s generation %d (%d rows)", self.dir, new_gen, self._count)
-
-    def rebuild(self, index_type: str | None = None) -> None:
-        """Rebuild (and retrain) the FAISS index from the stored vectors, optionally changing its type."""
-        with self._lock:
-            self._acquire_writer()
-            if index_type is not None:
-                fx.choose_factory(index_type, 0, self.dim)  # validates the name
-                self._manifest = {**self._manifest, "index_type": index_type}
-                self._changed = True
-            self._rebuild_needed = True
-            self.save(full=True)
-
-    def _cleanup(self, keep_faiss: str | None = None) -> None:
-        """Drop what no reader of the current or previous generation can need any more."""
-        self.store.purge(min(self._gen - 2, int(self._manifest["faiss_generation"])))
-        in_use = self.store.segments_in_use() | {self._pending_seg}
-        self.vectors.delete(sorted(self.vectors.existing() - in_use))
-        keep = {self._manifest["faiss_file"], keep_faiss}
-        for path in (self.dir / "faiss").iterdir():
-            if f"faiss/{path.name}" not in keep:
-                path.unlink(missing_ok=True)

@@ -52,6 +52,11 @@ _CHUNK = 900  # stay below SQLite's bound-parameter limit
 _DERIVED = ("id", "path", "score", "added_at")
 
 
+def _sql_ids(ids: Iterable[int]) -> list[int]:
+    """Ids as Python ints; values outside SQLite's 64-bit range cannot exist and are dropped."""
+    return [int(i) for i in ids if -(2**63) <= int(i) < 2**63]
+
+
 def _coerce(key: str, value: object) -> object:
     """Plain Python values for SQLite (numpy integers, Path objects)."""
     if value is None:
@@ -107,7 +112,7 @@ class MetaStore:
     def get(self, ids: Sequence[int], gen: int) -> dict[int, dict]:
         """Visible rows by id at generation ``gen`` (missing ids are absent from the result)."""
         out: dict[int, dict] = {}
-        ids = [int(i) for i in ids]
+        ids = _sql_ids(ids)
         for start in range(0, len(ids), _CHUNK):
             part = ids[start : start + _CHUNK]
             marks = ",".join("?" * len(part))
@@ -119,7 +124,7 @@ class MetaStore:
     def locations(self, ids: Sequence[int], gen: int) -> dict[int, tuple[int, int]]:
         """``id -> (segment, offset)`` of the stored vector for visible ids."""
         out: dict[int, tuple[int, int]] = {}
-        ids = [int(i) for i in ids]
+        ids = _sql_ids(ids)
         for start in range(0, len(ids), _CHUNK):
             part = ids[start : start + _CHUNK]
             marks = ",".join("?" * len(part))
@@ -200,7 +205,7 @@ class MetaStore:
 
     def remove(self, ids: Iterable[int], gen: int) -> int:
         """Mark visible rows removed at ``gen``; rows added in ``gen`` itself are deleted outright."""
-        ids = [int(i) for i in ids]
+        ids = _sql_ids(ids)
         n = 0
         conn = self.conn()
         with conn:

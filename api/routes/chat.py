@@ -13,7 +13,7 @@ from PIL import Image
 
 from api.deps import AuthDep, ServiceDep
 from api.routes import error_responses
-from api.schemas import ChatRequest, ChatResponse, Source
+from api.schemas import MIN_SAMPLING_TEMPERATURE, ChatRequest, ChatResponse, Source
 from api.service import Service, decode_base64_image
 
 logger = logging.getLogger(__name__)
@@ -55,11 +55,15 @@ def _common_kwargs(req: ChatRequest) -> dict[str, Any]:
     }
 
 
+def _temperature(req: ChatRequest) -> float:
+    """The request's temperature, with near-zero values (whose limit is greedy decoding) as exactly 0."""
+    return req.temperature if req.temperature >= MIN_SAMPLING_TEMPERATURE else 0.0
+
+
 def _direct_kwargs(req: ChatRequest) -> dict[str, Any]:
     """``ChatModel.chat/stream`` options: temperature 0 means greedy decoding."""
-    sampling = (
-        {"do_sample": True, "temperature": req.temperature} if req.temperature > 0 else {"do_sample": False}
-    )
+    temperature = _temperature(req)
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     return {**_common_kwargs(req), **sampling}
 
 
@@ -125,7 +129,7 @@ def _start_stream(
         encoder=service.encoder,
         chat_model=service.chat_model,
         k=req.k,
-        temperature=req.temperature,
+        temperature=_temperature(req),
         **_common_kwargs(req),
     )
 
@@ -144,7 +148,7 @@ def _answer(service: Service, req: ChatRequest, images: list[Image.Image] | None
         encoder=service.encoder,
         chat_model=service.chat_model,
         k=req.k,
-        temperature=req.temperature,
+        temperature=_temperature(req),
         **_common_kwargs(req),
     )
 

@@ -254,3 +254,18 @@ def test_search_multipart_variants(client: httpx.Client, image_root: Path) -> No
 def test_validation_errors_do_not_echo_the_input(client: httpx.Client) -> None:
     r = client.post("/search", json={"image": "A" * 100_000, "text": "x"})
     assert r.status_code == 422 and len(r.content) < 2_000
+
+
+@pytest.mark.parametrize(
+    "content_type,raw",
+    [
+        ("multipart/form-data", b"--x\r\n"),  # no boundary parameter
+        ("multipart/form-data; boundary=x", b"garbage without parts"),
+        ("multipart/form-data; boundary=x", b""),
+        ("application/x-www-form-urlencoded", b"%%%=%%%"),
+    ],
+)
+def test_search_broken_forms_are_4xx(client: httpx.Client, content_type: str, raw: bytes) -> None:
+    r = client.post("/search", content=raw, headers={"content-type": content_type})
+    assert 400 <= r.status_code < 500, r.text
+    assert "detail" in r.json()

@@ -173,3 +173,17 @@ def test_grounded_chat_returns_sources(client: httpx.Client) -> None:
     events = _read_sse(r)
     assert events[-1][0] == "sources" and events[-1][1]["sources"] == body["sources"]
     assert "".join(e["text"] for kind, e in events if kind == "message") == body["answer"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_near_zero_temperature_is_greedy_not_a_crash(
+    client: httpx.Client, real_image_root: Path, stream: bool
+) -> None:
+    """Found by the fuzz: temperature 1e-268 overflowed the logits to inf inside sampling."""
+    greedy = client.post("/chat", json=_chat_images_body(real_image_root)).json()["answer"]
+    r = client.post("/chat", json=_chat_images_body(real_image_root, temperature=1e-268, stream=stream))
+    assert r.status_code == 200 and "event: error" not in r.text
+    text = "".join(e["text"] for k, e in _read_sse(r) if k == "message") if stream else r.json()["answer"]
+    assert text == greedy
+    r = client.post("/chat", json={"question": "q", "k": 2, "max_new_tokens": 3, "temperature": 1e-268})
+    assert r.status_code == 200, r.text

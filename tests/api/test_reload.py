@@ -101,3 +101,45 @@ def test_in_flight_search_finishes_on_the_old_index(tmp_path: Path) -> None:
         return old_result, holder.current.search()
 
     assert asyncio.run(scenario()) == ("old", "new")
+
+
+def test_searches_during_repeated_rebuilds_never_fail(tmp_path: Path, fake_encoder: FakeEncoder) -> None:
+    """Hammer /search while the index is saved again and again: every answer is a complete generation."""
+    paths = make_images(tmp_path / "imgs", n=8)
+    vecs = fake_encoder.encode_images([open_image(p) for p in paths])
+    index = Index.create(
+        tmp_path / "index", fake_encoder.embed_dim, model=fake_encoder.name, mode=fake_encoder.mode
+    )
+    index.add(vecs[:2], [{"path": str(p)} for p in paths[:2]])
+    index.save()
+    sizes_seen: list[int] = []
+    failures: list[str] = []
+    stop = threading.Event()
+    with serve(
+        create_app(Settings(index=str(tmp_path / "index"), reload_interval_s=0.05), encoder=fake_encoder)
+    ) as url:
+
+        def hammer() -> None:
+            with httpx.Client(base_url=url, timeout=30) as client:
+                while not stop.is_set():
+                    r = client.post("/search", json={"image_id": 0, "k": 100})
+                    if r.status_code != 200:
+                        failures.append(r.text)
+                    else:
+                        sizes_seen.append(len(r.json()["results"]))
+
+        threads = [threading.Thread(target=hammer) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for i in range(2, 8):
+            index.add(vecs[i : i + 1], [{"path": str(paths[i])}])
+            index.save()
+            time.sleep(0.15)
+        assert _wait_for_size(url, 8) == 8
+        time.sleep(0.2)
+        stop.set()
+        for t in threads:
+            t.join()
+    index.close()
+    assert not failures
+    assert set(sizes_seen) <= set(range(2, 9)) and 8 in sizes_seen and len(sizes_seen) > 10

@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from chat.generation import NewTokensRepetitionPenalty, incremental_text
+from chat.generation import AnswerDecoder, NewTokensRepetitionPenalty, incremental_text
+from chat.prompt import load_tokenizer
 from chat.templates import get_template
 
 MAX_NEW = 8  # the fixtures' generation_config.max_new_tokens
@@ -208,7 +209,7 @@ class _PieceTokenizer:
 def test_incremental_text_adds_up_to_final_answer(ids: list[int], pieces: dict[int, str]) -> None:
     template = get_template("Hermes-2")
     tokenizer = _PieceTokenizer(pieces)
-    out = list(incremental_text(iter(ids), tokenizer, template, stop_token_id=100))
+    out = list(incremental_text(iter(ids), tokenizer.decode, template, stop_token_id=100))
     assert "".join(out) == template.postprocess(tokenizer.decode(ids))
     assert all(out)
 
@@ -216,3 +217,17 @@ def test_incremental_text_adds_up_to_final_answer(ids: list[int], pieces: dict[i
 def test_empty_image_list_means_text_only(golden) -> None:
     case = golden.cases["text_only"]
     assert golden.model.chat(case["question"], images=[], max_new_tokens=MAX_NEW) == case["response"]
+
+
+def test_answer_decoder_keeps_added_tokens_outside_the_special_map(golden_tiny) -> None:
+    """4.37 slow decode: special-map ids skipped, other added tokens kept as text, segments space-joined."""
+    tokenizer = load_tokenizer(golden_tiny.path)
+    tokenizer.add_tokens(["<|user|>"])  # an added token that is not in the special-tokens map
+    user = tokenizer.convert_tokens_to_ids("<|user|>")
+    the, what = tokenizer.convert_tokens_to_ids(["▁The", "▁What"])
+    decode = AnswerDecoder(tokenizer)
+    assert decode([the, 2, what, 32010, the]) == "The What The"  # </s>, <box>: special map, skipped
+    assert decode([the, user, what, 32002]) == "The <|user|> What"
+    assert decode([32002]) == ""
+    ids = [the, 32000, what, the]
+    assert decode(ids) == golden_tiny.model.tokenizer.decode(ids, skip_special_tokens=True)

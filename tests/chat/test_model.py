@@ -287,3 +287,42 @@ def test_config_defaults_are_the_reference_defaults() -> None:
     config.pop("template")
     with pytest.raises(CheckpointError, match="template"):
         chat_settings(config)
+
+
+def test_internvit_6b_options_map_to_native_vision(tmp_path: Path) -> None:
+    """qk-norm / rms_norm / no qkv bias (InternViT-6B); the q/k RMSNorm uses the config's layer_norm_eps."""
+    from transformers import InternVLForConditionalGeneration
+
+    from chat.loader import _match_qk_norm_eps
+
+    config = json.loads((FIXTURES / "internvl_chat_tiny" / "config.json").read_text())
+    config["vision_config"].update(
+        qk_normalization=True, norm_type="rms_norm", qkv_bias=False, layer_norm_eps=1e-5
+    )
+    model = InternVLForConditionalGeneration(native_config(config, image_token_id=32005))
+    _match_qk_norm_eps(model, config)
+    layer = model.model.vision_tower.encoder.layer[0]
+    assert layer.attention.q_proj.bias is None and layer.attention.projection_layer.bias is not None
+    assert layer.attention.q_norm.weight.shape == (32,)  # over all heads, as InternViT
+    assert layer.attention.q_norm.variance_epsilon == layer.attention.k_norm.variance_epsilon == 1e-5
+    assert type(layer.layernorm_before).__name__ == "InternVLVisionRMSNorm"
+
+
+def test_gpu_options_are_guarded_on_cpu() -> None:
+    """bf16 / flash-attn / device_map / bitsandbytes only where they apply; clear errors otherwise."""
+    import importlib.util
+
+    from chat.loader import attention_implementation, default_device_map, default_dtype, quantization_config
+
+    cpu = torch.device("cpu")
+    assert default_dtype(cpu) == torch.float32
+    assert attention_implementation(cpu, torch.bfloat16) == "sdpa"
+    assert default_device_map(cpu, 10, torch.float32, quantized=False) is None
+    with pytest.raises(ValueError, match="CUDA"):
+        default_device_map(cpu, 10, torch.float32, quantized=True)
+    assert quantization_config(None) is None
+    with pytest.raises(ValueError, match="quantization must be"):
+        quantization_config("3bit")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        with pytest.raises(ImportError, match="bitsandbytes"):
+            quantization_config("4bit")

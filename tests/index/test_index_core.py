@@ -39,6 +39,7 @@ def test_add_search_get_roundtrip(tmp_path):
         top["id"] == 2 and top["path"] == "/photos/a/img2.jpg" and top["score"] == pytest.approx(scores[2, 0])
     )
     assert top["width"] == 10 and top["size"] == 2
+    assert idx.get([2**70, -1]) == [None, None]  # out-of-range ids are simply unknown
     got = idx.get([3, 999, 0])
     assert got[0]["path"] == "/photos/a/img3.jpg" and got[1] is None and got[2]["id"] == 0
     vec = idx.get_vectors([4, 1])

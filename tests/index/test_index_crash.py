@@ -95,3 +95,30 @@ def test_crash_during_save_leaves_old_or_new(tmp_path, monkeypatch, crash_at):
     assert len(final) == len(after) + 3
     leftovers = [p.name for p in folder.rglob(".*.tmp")]
     assert leftovers == []
+
+
+@pytest.mark.parametrize("crash_at", [1, 2, 3, 4])
+def test_failed_save_keeps_the_object_usable(tmp_path, monkeypatch, crash_at):
+    folder = tmp_path / "ix"
+    idx = prepare(folder)
+    before = state(folder)
+    pending_changes(idx)
+    real_replace, calls = os.replace, []
+
+    def flaky_replace(src, dst):
+        calls.append(dst)
+        if len(calls) == crash_at:
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", flaky_replace)
+    with pytest.raises(OSError, match="No space"):
+        idx.save()
+    monkeypatch.undo()
+    assert len(idx) == len(before)  # back to the committed state, unsaved changes dropped
+    idx.add(unit(3, 9), rows(5000, 3))
+    idx.remove([1])
+    idx.save()
+    expected = {p for i, p in before.items() if i != 1} | {f"/r/{i}.png" for i in range(5000, 5003)}
+    after = state(folder)
+    assert set(after.values()) == expected and len(after) == len(expected)
