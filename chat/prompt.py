@@ -151,6 +151,22 @@ def stop_token_id(tokenizer: Any, template: ConversationTemplate | str) -> int:
     return int(token_id)
 
 
+def slow_prefix_space(tokenizer: Any, text: str, ids: list[int]) -> list[int]:
+    """Keep the "▁" that transformers 4.x's slow ``LlamaTokenizer(legacy=False)`` prepends to a text.
+
+    The reference (4.37) drops it only when the text starts with a token of ``all_special_tokens``; a prompt
+    that starts with an added token outside that map (Phi-3's ``<|system|>`` in some tokenizer files) keeps
+    it, while transformers 5 drops it. No-op for every other tokenizer.
+    """
+    if getattr(tokenizer, "legacy", True) is not False or not text:
+        return ids
+    starts = [t for t in tokenizer.get_added_vocab() if text.startswith(t)]
+    if not starts or max(starts, key=len) in tokenizer.all_special_tokens:
+        return ids
+    at = 1 if getattr(tokenizer, "add_bos_token", False) and ids[:1] == [tokenizer.bos_token_id] else 0
+    return [*ids[:at], tokenizer.convert_tokens_to_ids("▁"), *ids[at:]]
+
+
 def tokenize_batch(tokenizer: Any, queries: Sequence[str]) -> dict[str, Any]:
     """Left-padded ``input_ids`` / ``attention_mask`` LongTensors, as batch_chat tokenizes.
 
@@ -161,7 +177,7 @@ def tokenize_batch(tokenizer: Any, queries: Sequence[str]) -> dict[str, Any]:
         pad_id = tokenizer.eos_token_id
         if pad_id is None:
             raise ValueError("tokenizer has neither a pad nor an eos token; cannot pad a batch")
-    rows = [tokenizer(q)["input_ids"] for q in queries]
+    rows = [slow_prefix_space(tokenizer, q, tokenizer(q)["input_ids"]) for q in queries]
     width = max((len(r) for r in rows), default=0)
     ids = torch.full((len(rows), width), int(pad_id), dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)

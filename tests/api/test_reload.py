@@ -143,3 +143,21 @@ def test_searches_during_repeated_rebuilds_never_fail(tmp_path: Path, fake_encod
     index.close()
     assert not failures
     assert set(sizes_seen) <= set(range(2, 9)) and 8 in sizes_seen and len(sizes_seen) > 10
+
+
+def test_reload_refuses_an_index_of_another_width(tmp_path: Path, fake_encoder: FakeEncoder) -> None:
+    paths = make_images(tmp_path / "imgs", n=2)
+    index_dir = tmp_path / "index"
+    index = Index.create(index_dir, fake_encoder.embed_dim, model=fake_encoder.name, mode=fake_encoder.mode)
+    index.add(fake_encoder.encode_images([open_image(p) for p in paths]), [{"path": str(p)} for p in paths])
+    index.save()
+    index.close()
+    with serve(create_app(Settings(index=str(index_dir), reload_interval_s=0), encoder=fake_encoder)) as url:
+        other = tmp_path / "other"
+        Index.create(other, 16, model="other-model", mode="internvl-c").close()
+        (index_dir / "manifest.json").rename(tmp_path / "manifest.bak")
+        (other / "manifest.json").rename(index_dir / "manifest.json")  # simulate a rebuild with another model
+        r = httpx.post(url + "/admin/reload")
+        assert r.status_code == 503 and "dim 16" in r.json()["detail"]
+        assert httpx.get(url + "/health").json()["index_size"] == 2
+        assert httpx.post(url + "/search", json={"text": "x"}).status_code == 200

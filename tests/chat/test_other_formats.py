@@ -434,15 +434,9 @@ def test_missing_or_unexpected_weight_is_an_error(built: Built, tmp_path: Path) 
             load_chat_model(folder, device="cpu", dtype=torch.float32)
 
 
-PLAIN_PHI3_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="transformers 5 tokenizers differ from 4.37's slow LlamaTokenizer for added tokens outside "
-    "additional_special_tokens (leading '▁' kept before <|system|>; such tokens kept as text when decoding); "
-    "fix belongs in chat/prompt.py + ChatModel.decode",
-)
 PHI3_TOKEN_VARIANTS = [
     pytest.param(True, id="phi3_tokens_in_special_map"),
-    pytest.param(False, id="phi3_tokens_plain", marks=PLAIN_PHI3_XFAIL),
+    pytest.param(False, id="phi3_tokens_plain"),
 ]
 
 
@@ -464,14 +458,16 @@ def _phi3_tokenizers(in_special_map: bool) -> tuple[Any, SlowLlamaTokenizerRefer
 @pytest.mark.parametrize("in_special_map", PHI3_TOKEN_VARIANTS)
 def test_phi3_answer_decoding_matches_slow_reference(in_special_map: bool) -> None:
     """chat()'s answer text: ``decode(skip_special_tokens=True).split('<|end|>')[0].strip()`` as in 4.37."""
+    from chat.generation import AnswerDecoder
     from chat.templates import get_template
 
     tokenizer, reference = _phi3_tokenizers(in_special_map)
     template = get_template("phi3-chat")
+    decode = AnswerDecoder(tokenizer)
     the, what = reference.sp.piece_to_id("▁The"), reference.sp.piece_to_id("▁What")
     for ids in ([the, 32000, what, 32018, the, 32007], [the, 32010, what, 32001, the, 32007], [32002, the]):
         expected = reference.decode(ids).split("<|end|>")[0].strip()
-        assert template.postprocess(tokenizer.decode(ids, skip_special_tokens=True)) == expected
+        assert template.postprocess(decode(ids)) == expected
 
 
 @pytest.mark.parametrize("in_special_map", PHI3_TOKEN_VARIANTS)
@@ -492,11 +488,6 @@ def test_phi3_tokenizer_matches_slow_reference(in_special_map: bool) -> None:
         assert got == reference.encode(query), f"ids differ for {question!r}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="chat/convert.py text_config maps Phi-3 rope 'yarn' to longrope with su's attention factor "
-    "sqrt(1 + ln s / ln orig); Phi3YarnScaledRotaryEmbedding scales cos/sin by 0.1 ln s + 1",
-)
 def test_phi3_yarn_rope_matches_reference(tmp_path: Path) -> None:
     """Phi-3 ``rope_scaling.type: yarn`` (the reference's Phi3YarnScaledRotaryEmbedding), short and long."""
     spec = Spec(name="yarn", llm="phi3", template="phi3-chat", rope_type="yarn")
