@@ -121,3 +121,38 @@ def test_symlinks_outside_roots_are_not_followed(tmp_path, encoder):
 def test_missing_folder_is_a_clear_error(tmp_path, encoder):
     with pytest.raises(FileNotFoundError, match="folder not found"):
         build([tmp_path / "nope"], tmp_path / "index", encoder)
+
+
+def test_ctrl_c_commits_what_was_encoded(tmp_path, encoder, monkeypatch):
+    photos = tmp_path / "photos"
+    images = make_images(photos, 24)
+    real, calls = encoder.encode_pixels, []
+
+    def interrupted(pixels):
+        calls.append(len(pixels))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(pixels)
+
+    monkeypatch.setattr(encoder, "encode_pixels", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build([photos], tmp_path / "index", encoder, batch_size=4, commit_every=100, workers=0)
+    assert len(indexed_paths(tmp_path / "index")) == 8  # the two batches encoded before Ctrl-C
+    monkeypatch.undo()
+    again = build([photos], tmp_path / "index", encoder, batch_size=4, workers=0)
+    assert (again.added, again.unchanged, again.indexed) == (16, 8, 24)
+    assert sorted(indexed_paths(tmp_path / "index")) == sorted(str(p) for p in images)
+
+
+def test_changing_index_type_reuses_stored_vectors(tmp_path, encoder, monkeypatch):
+    photos = tmp_path / "photos"
+    make_images(photos, 12)
+    build([photos], tmp_path / "index", encoder, index_type="hnsw", workers=0)
+    assert Index.open(tmp_path / "index").manifest["faiss_factory"].startswith("IDMap2,HNSW")
+    monkeypatch.setattr(encoder, "encode_pixels", lambda px: pytest.fail("re-encoded"))
+    report = build([photos], tmp_path / "index", encoder, index_type="flat", workers=0)
+    manifest = Index.open(tmp_path / "index").manifest
+    assert report.encoded == 0 and (manifest["index_type"], manifest["faiss_factory"]) == (
+        "flat",
+        "IDMap2,Flat",
+    )
