@@ -6,9 +6,9 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from chat.model import MIN_SAMPLING_TEMPERATURE  # noqa: F401  (re-exported: below it, greedy)
 from retrieval.zero_shot_templates import DEFAULT_TEMPLATES
 
-MIN_SAMPLING_TEMPERATURE = 0.01  # below: greedy (tiny temperatures overflow the logits to inf)
 MAX_PROMPTS = 20_000  # labels x templates encoded per /classify request
 MAX_ID = 2**53 - 1  # largest id exactly representable in JSON numbers (and JavaScript)
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from chat.model import MIN_SAMPLING_TEMPERATURE
 from retrieval.images import ImageDecodeError, open_image
 
 logger = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ def prepare(
 def _generation_kwargs(max_new_tokens: int, temperature: float) -> dict[str, Any]:
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
-    sample = temperature > 0
+    sample = temperature >= MIN_SAMPLING_TEMPERATURE  # below it, sampling's limit: greedy
     return {"max_new_tokens": int(max_new_tokens), "do_sample": sample, "temperature": temperature or 1.0}
 
 

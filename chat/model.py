@@ -26,6 +26,9 @@ from chat.tiling import tile_images
 
 logger = logging.getLogger(__name__)
 
+#: sampling below this temperature is done as greedy decoding (its limit), since logits / T overflow
+MIN_SAMPLING_TEMPERATURE = 1e-2
+
 MAX_TILES_LIMIT = 40
 History = list[tuple[str, str]]
 
@@ -147,9 +150,11 @@ class ChatModel:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         kwargs: dict[str, Any] = {"repetition_penalty": self._llm_defaults["repetition_penalty"]}
+        if do_sample and temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        if do_sample and temperature < MIN_SAMPLING_TEMPERATURE:
+            do_sample = False  # logits / tiny temperature overflow; the limit of such sampling is greedy
         if do_sample:
-            if temperature <= 0:
-                raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
             kwargs.update(
                 temperature=float(temperature), top_p=float(top_p), top_k=self._llm_defaults["top_k"]
             )

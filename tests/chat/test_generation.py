@@ -231,3 +231,10 @@ def test_answer_decoder_keeps_added_tokens_outside_the_special_map(golden_tiny) 
     assert decode([32002]) == ""
     ids = [the, 32000, what, the]
     assert decode(ids) == golden_tiny.model.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_tiny_temperature_samples_as_greedy(golden_tiny) -> None:  # noqa: ANN001
+    """Sampling at a vanishing temperature overflows logits / T; it must behave as its limit, greedy."""
+    cm = golden_tiny.model
+    greedy = cm.chat("Hello, who are you?", max_new_tokens=4)
+    assert cm.chat("Hello, who are you?", max_new_tokens=4, do_sample=True, temperature=1e-268) == greedy
