@@ -104,6 +104,40 @@ def _generation_kwargs(max_new_tokens: int, temperature: float) -> dict[str, Any
     return {"max_new_tokens": int(max_new_tokens), "do_sample": sample, "temperature": temperature or 1.0}
 
 
+def _generate(
+    method: str,
+    question: str,
+    *,
+    index: Any,
+    encoder: Any,
+    chat_model: Any,
+    k: int,
+    history: Sequence[Sequence[str]] | None,
+    max_new_tokens: int,
+    temperature: float,
+    max_num_tiles: int | None,
+) -> tuple[list[dict[str, Any]], Any]:
+    """Retrieve, then call ``chat_model.<method>`` ("chat" or "stream") on the retrieved images."""
+    gen = _generation_kwargs(max_new_tokens, temperature)
+    req = prepare(
+        question,
+        index=index,
+        encoder=encoder,
+        chat_model=chat_model,
+        k=k,
+        history=history,
+        max_num_tiles=max_num_tiles,
+    )
+    out = getattr(chat_model, method)(
+        req.question,
+        history=req.history,
+        pixel_values=req.pixel_values,
+        num_patches_list=req.num_patches_list or None,
+        **gen,
+    )
+    return req.sources, out
+
+
 def answer(
     question: str,
     *,
@@ -120,24 +154,11 @@ def answer(
 
     ``temperature`` 0 is greedy decoding; above 0 samples with that temperature.
     """
-    gen = _generation_kwargs(max_new_tokens, temperature)
-    req = prepare(
-        question,
-        index=index,
-        encoder=encoder,
-        chat_model=chat_model,
-        k=k,
-        history=history,
-        max_num_tiles=max_num_tiles,
-    )
-    text = chat_model.chat(
-        req.question,
-        history=req.history,
-        pixel_values=req.pixel_values,
-        num_patches_list=req.num_patches_list or None,
-        **gen,
-    )
-    return {"answer": text, "sources": req.sources}
+    sources, text = _generate(
+        "chat", question, index=index, encoder=encoder, chat_model=chat_model, k=k, history=history,
+        max_new_tokens=max_new_tokens, temperature=temperature, max_num_tiles=max_num_tiles,
+    )  # fmt: skip
+    return {"answer": text, "sources": sources}
 
 
 def stream_answer(
@@ -156,21 +177,7 @@ def stream_answer(
 
     Retrieval happens now (errors raise here); text is generated while the iterator is consumed.
     """
-    gen = _generation_kwargs(max_new_tokens, temperature)
-    req = prepare(
-        question,
-        index=index,
-        encoder=encoder,
-        chat_model=chat_model,
-        k=k,
-        history=history,
-        max_num_tiles=max_num_tiles,
-    )
-    pieces = chat_model.stream(
-        req.question,
-        history=req.history,
-        pixel_values=req.pixel_values,
-        num_patches_list=req.num_patches_list or None,
-        **gen,
-    )
-    return req.sources, pieces
+    return _generate(
+        "stream", question, index=index, encoder=encoder, chat_model=chat_model, k=k, history=history,
+        max_new_tokens=max_new_tokens, temperature=temperature, max_num_tiles=max_num_tiles,
+    )  # fmt: skip

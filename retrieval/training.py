@@ -274,3 +274,25 @@ class BatchSampler:
         # a small group may not fill its share without repeats: cap it at its size
         parts = [self._take(int(g), min(s, len(self.pools[g]))) for g, s in zip(chosen, sizes, strict=True)]
         return np.concatenate(parts)
+
+
+@torch.no_grad()
+def sincos_position_embedding_(model: nn.Module) -> None:
+    """Initialise InternViT's position embedding with fixed 2-D sine-cosine values (MAE-style).
+
+    Gives a freshly built tiny ViT a spatial prior from step 0; the embedding stays trainable.
+    """
+    emb = model.vision_model.embeddings
+    dim, grid = emb.position_embedding.shape[-1], emb.grid
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                            indexing="ij")
+    parts = []
+    for pos in (ys.reshape(-1), xs.reshape(-1)):
+        angles = pos[:, None] * omega[None, :]  # (g², dim/4)
+        parts += [angles.sin(), angles.cos()]
+    table = torch.cat(parts, dim=1)  # (g², dim)
+    table = torch.cat([torch.zeros(1, dim, dtype=torch.float64), table])  # class token position: zeros
+    emb.position_embedding.copy_(table[None].to(emb.position_embedding.dtype))
