@@ -275,6 +275,12 @@ def built(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     return b
 
 
+def only(predicate: Any) -> pytest.MarkDecorator:
+    """Run a test on the specs it applies to (instead of skipping the others)."""
+    specs = [spec for spec in SPECS if predicate(spec)]
+    return pytest.mark.parametrize("built", specs, indirect=True, ids=[spec.name for spec in specs])
+
+
 # ------------------------------------------------------------------------------------------------ tests
 
 
@@ -371,10 +377,9 @@ def test_stop_token_and_eos(built: Built) -> None:
     assert "".join(pieces) == built.cases[EVENT_CASE]["text"]
 
 
+@only(lambda s: s.llm == "phi3" and s.rope_type is not None)
 def test_longrope_matches_su_reference(built: Built) -> None:
     """Phi-3 ``su`` scaling: the model's rotary cos/sin equal Phi3SuScaledRotaryEmbedding's (short, long)."""
-    if built.spec.llm != "phi3" or built.spec.rope_type is None:
-        pytest.skip("Phi-3 su scaling only")
     llm_cfg = built.config["llm_config"]
     rotary = built.chat_model.model.model.language_model.rotary_emb
     reference = SuScaledRotary(llm_cfg)
@@ -387,10 +392,9 @@ def test_longrope_matches_su_reference(built: Built) -> None:
         assert_close(sin, rsin, 1e-6, f"sin at {positions.max().item()}")
 
 
+@only(lambda s: s.llm == "phi3" and s.rope_type is not None)
 def test_longrope_boundary_is_exercised(built: Built) -> None:
     """Negative control: with short factors only, text_only's decode steps past the boundary change."""
-    if built.spec.llm != "phi3" or built.spec.rope_type is None:
-        pytest.skip("Phi-3 su scaling only")
     llm = ReferenceLLM(built.state, built.config["llm_config"])
     rotary = llm.model.model.rotary_emb
     rotary.long = rotary.short
@@ -401,10 +405,9 @@ def test_longrope_boundary_is_exercised(built: Built) -> None:
     assert diff[:4].max() < 1e-4 and diff[4:].min() > 1e-2
 
 
+@only(lambda s: s.sliding_window is not None)
 def test_sliding_window_is_exercised(built: Built) -> None:
     """Negative control: without the window the reference logits change, so the window is really tested."""
-    if built.spec.sliding_window is None:
-        pytest.skip("sliding window spec only")
     llm = ReferenceLLM(built.state, built.config["llm_config"])
     llm.sliding_window = None
     case = built.cases["single_image"]
@@ -412,14 +415,13 @@ def test_sliding_window_is_exercised(built: Built) -> None:
     assert (full["prefill_logits"] - case["prefill_logits"]).abs().max() > 1e-2
 
 
+@only(lambda s: s.name == "phi3")
 def test_missing_or_unexpected_weight_is_an_error(built: Built, tmp_path: Path) -> None:
     """A checkpoint with a tensor dropped, or an unknown tensor added, is refused with a clear error."""
     import shutil
 
     from safetensors.torch import load_file, save_file
 
-    if built.spec.name != "phi3":
-        pytest.skip("checked once")
     state = load_file(built.folder / "model.safetensors")
     for name, change in (
         ("missing", lambda s: s.pop("language_model.model.layers.0.mlp.gate_up_proj.weight")),
