@@ -150,7 +150,9 @@ def evaluate(
     langs = np.array([r.get("language", "all") for r in records])
     out["recall"]["all"] = recall_at_k(sims, relevant)
     out["recall_exact_pair"] = recall_at_k(sims, np.eye(len(records), dtype=bool))
-    for lang in sorted(set(langs)):
+    for lang in sorted(
+        set(langs), key=lambda x: (list(LANG_COLUMNS).index(x) if x in LANG_COLUMNS else 99, x)
+    ):
         sel = langs == lang
         out["recall"][lang] = recall_at_k(sims[sel], relevant[sel])
     if pil_per_class > 0:

@@ -44,6 +44,7 @@ from retrieval.training import (
     read_records,
     recall_at_k,
     save_checkpoint,
+    sincos_position_embedding_,
     trim_padding,
     warmup_cosine,
 )
@@ -106,7 +107,10 @@ def build_model(args: argparse.Namespace) -> tuple[InternVLModel, InternVLConfig
     base = InternVLConfig().to_dict()
     overrides = json.loads(Path(args.config).read_text()) if args.config else PRESETS[args.preset]
     config = InternVLConfig.from_dict(merge_config(base, overrides))
-    return InternVLModel(config).float(), config, Path(args.tokenizer or FIXTURE_TOKENIZER)
+    model = InternVLModel(config).float()
+    if args.sincos_pos:
+        sincos_position_embedding_(model)
+    return model, config, Path(args.tokenizer or FIXTURE_TOKENIZER)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -134,6 +138,23 @@ def batch_loss(
         image_g = norm(queries, dim=-1) + norm(image_c, dim=-1)
         loss = loss + g_weight * contrastive_loss(image_g, text, model.logit_scale)
     return loss
+
+
+def curriculum_sampler(args: argparse.Namespace, records: list[dict]) -> BatchSampler | None:
+    """Sampler over the ``--curriculum COLUMN=V1,V2`` subset used for the first ``--curriculum-steps``."""
+    if not args.curriculum or args.curriculum_steps <= 0:
+        return None
+    column, _, values = args.curriculum.partition("=")
+    if column not in records[0] or not values:
+        raise ValueError(f"--curriculum wants COLUMN=V1,V2 with a captions column; got {args.curriculum!r}")
+    keep = set(values.split(","))
+    subset = np.array([i for i, r in enumerate(records) if str(r[column]) in keep])
+    if len(subset) == 0:
+        raise ValueError(f"--curriculum {args.curriculum!r} selects no records")
+    inner = BatchSampler(len(subset), args.batch_size, args.seed + 1)
+    sampler = BatchSampler(len(subset), args.batch_size, args.seed + 1)
+    sampler.next = lambda: subset[inner.next()]  # type: ignore[method-assign]
+    return sampler
 
 
 # --- evaluation -----------------------------------------------------------------------------------
@@ -168,6 +189,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     src.add_argument("--init", type=Path, default=None, help="existing InternVL-C/G folder to fine-tune")
     src.add_argument("--config", type=Path, default=None, help="JSON config overrides for a fresh model")
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="fresh-model preset (no --init)")
+    p.add_argument("--sincos-pos", action="store_true", help="fresh model: 2-D sin-cos position init")
     p.add_argument("--tokenizer", type=Path, default=None, help="folder with tokenizer files")
     p.add_argument("--out", type=Path, required=True, help="output checkpoint folder")
     p.add_argument("--epochs", type=float, default=1.0)
@@ -180,6 +202,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=50, help="warm-up steps")
     p.add_argument("--hard-negatives", default="", metavar="COLUMN", help="draw each batch from a few groups")
     p.add_argument("--groups-per-batch", type=int, default=2, help="groups per batch with --hard-negatives")
+    p.add_argument("--curriculum", default="", metavar="COL=V1,V2", help="train on this subset first")
+    p.add_argument("--curriculum-steps", type=int, default=0, help="steps on the --curriculum subset")
     p.add_argument("--g-loss-weight", type=float, default=0.0, help="also train the InternVL-G image branch")
     p.add_argument("--augment-shift", type=int, default=0, help="max random shift in pixels (train only)")
     p.add_argument("--eval-data", type=Path, default=None, help="held-out folder for periodic recall")
@@ -233,6 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"--hard-negatives: the captions file has no column {args.hard_negatives!r}")
     groups = [str(r[args.hard_negatives]) for r in records] if args.hard_negatives else None
     sampler = BatchSampler(n, args.batch_size, args.seed, groups, args.groups_per_batch)
+    first = curriculum_sampler(args, records)
     aug_gen = torch.Generator().manual_seed(args.seed)
     history: list[dict] = []
     model.train()
@@ -240,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
     for step in bar:
         t0, total = time.perf_counter(), 0.0
         for _ in range(args.accum):
-            idx = torch.from_numpy(sampler.next())
+            idx = torch.from_numpy((first if first and step < args.curriculum_steps else sampler).next())
             px = random_shift(pixels[idx], args.augment_shift, aug_gen)
             loss = batch_loss(model, px, trim_padding(ids[idx]), args.g_loss_weight) / args.accum
             loss.backward()
