@@ -67,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-variant probing reads like errors
     if not settings.index or not settings.model:
         raise SystemExit("error: --index DIR and --model PATH are required (or IVL_INDEX / IVL_MODEL)")
     uvicorn.run(
