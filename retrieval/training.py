@@ -130,11 +130,11 @@ def copy_tokenizer(src_dir: Path, out_dir: Path) -> None:
 #: overrides of the InternVL-14B-224px config that give the tiny CPU-trainable demo architecture
 DEMO_PRESET: dict = {
     "vision_config": {
-        "hidden_size": 128,
+        "hidden_size": 96,
         "num_attention_heads": 4,
-        "num_hidden_layers": 4,
-        "intermediate_size": 512,
-        "image_size": 64,
+        "num_hidden_layers": 3,
+        "intermediate_size": 384,
+        "image_size": 56,
         "patch_size": 8,
     },
     "qllama_config": {
@@ -287,8 +287,9 @@ def sincos_position_embedding_(model: nn.Module) -> None:
     if dim % 4:
         raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
-                            indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij"
+    )
     parts = []
     for pos in (ys.reshape(-1), xs.reshape(-1)):
         angles = pos[:, None] * omega[None, :]  # (g², dim/4)

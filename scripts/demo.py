@@ -27,13 +27,12 @@ def curl_examples(host: str, port: int, image: Path) -> str:
     return "\n".join(
         [
             "# text -> image search (English, Chinese)",
-            f"curl -s {url}/search {json_header} -d '{{\"text\": \"a red circle\", \"k\": 5}}'",
-            f"curl -s {url}/search {json_header} -d '{{\"text\": \"红色的圆形\", \"k\": 5}}'",
+            f'curl -s {url}/search {json_header} -d \'{{"text": "a red circle", "k": 5}}\'',
+            f'curl -s {url}/search {json_header} -d \'{{"text": "红色的圆形", "k": 5}}\'',
             "# zero-shot classification of an uploaded image (base64) or an indexed one (image_id)",
             f"curl -s {url}/classify {json_header} "
             f'-d \'{{"image": "\'"$(base64 -w0 {shlex.quote(str(image))})"\'", "labels": {labels}}}\'',
-            f"curl -s {url}/classify {json_header} "
-            f"-d '{{\"image_id\": 1, \"labels\": {labels}}}'",
+            f'curl -s {url}/classify {json_header} -d \'{{"image_id": 1, "labels": {labels}}}\'',
         ]
     )
 

@@ -140,7 +140,17 @@ def batch_loss(
     return loss
 
 
-def curriculum_sampler(args: argparse.Namespace, records: list[dict]) -> BatchSampler | None:
+class SubsetSampler:
+    """Shuffled batches of a fixed subset of sample indices."""
+
+    def __init__(self, subset: np.ndarray, batch_size: int, seed: int) -> None:
+        self.subset, self.inner = subset, BatchSampler(len(subset), batch_size, seed)
+
+    def next(self) -> np.ndarray:
+        return self.subset[self.inner.next()]
+
+
+def curriculum_sampler(args: argparse.Namespace, records: list[dict]) -> SubsetSampler | None:
     """Sampler over the ``--curriculum COLUMN=V1,V2`` subset used for the first ``--curriculum-steps``."""
     if not args.curriculum or args.curriculum_steps <= 0:
         return None
@@ -151,10 +161,7 @@ def curriculum_sampler(args: argparse.Namespace, records: list[dict]) -> BatchSa
     subset = np.array([i for i, r in enumerate(records) if str(r[column]) in keep])
     if len(subset) == 0:
         raise ValueError(f"--curriculum {args.curriculum!r} selects no records")
-    inner = BatchSampler(len(subset), args.batch_size, args.seed + 1)
-    sampler = BatchSampler(len(subset), args.batch_size, args.seed + 1)
-    sampler.next = lambda: subset[inner.next()]  # type: ignore[method-assign]
-    return sampler
+    return SubsetSampler(subset, args.batch_size, args.seed + 1)
 
 
 # --- evaluation -----------------------------------------------------------------------------------
