@@ -36,7 +36,7 @@ from index.manifest import (  # noqa: F401 - the errors are re-exported for ``fr
     write_manifest,
 )
 from index.persist import SaveMixin
-from index.query import QueryMixin
+from index.query import RERANK_FACTOR, QueryMixin
 from index.store import MetaStore
 from index.vectors import VectorStore
 
@@ -64,6 +64,7 @@ class Index(SaveMixin, QueryMixin):
         self.store = MetaStore(self.dir / "meta.sqlite")
         self.vectors = VectorStore(self.dir / "vectors", int(manifest["embed_dim"]))
         self._search_params: dict = {}
+        self._rerank_factor = RERANK_FACTOR
         self._load(manifest)
 
     # ------------------------------------------------------------------------------ creation

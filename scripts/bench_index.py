@@ -64,8 +64,10 @@ def bench(kind: str, args: argparse.Namespace, queries: np.ndarray, work: Path) 
     build_s = time.perf_counter() - t0
     idx.close()
     reader = Index.open(folder)
-    if args.nprobe or args.ef_search:
-        reader.set_search_params(nprobe=args.nprobe, ef_search=args.ef_search)
+    if args.nprobe or args.ef_search or args.rerank_factor:
+        reader.set_search_params(
+            nprobe=args.nprobe, ef_search=args.ef_search, rerank_factor=args.rerank_factor
+        )
     reader.search(queries[:8], args.k)  # warm-up
     t0 = time.perf_counter()
     found = np.concatenate([reader.search(queries[s : s + args.batch], args.k)[0]
@@ -96,6 +98,7 @@ def main() -> None:
     p.add_argument("--types", default="flat,ivf-pq,hnsw", help=f"comma-separated, from {fx.INDEX_TYPES}")
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--clusters", type=int, default=1000)
+    p.add_argument("--rerank-factor", type=int, default=None, help="PQ exact re-scoring pool, x k")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--batch", type=int, default=64, help="queries per search call")
     p.add_argument("--nprobe", type=int, default=None)

@@ -121,3 +121,18 @@ def test_gpu_path_falls_back_to_cpu_with_same_results(tmp_path, monkeypatch):
     ids, scores, _ = reader.search(x[:50], 5)  # GPU search path -> CPU fallback
     assert reader._search_index is reader._faiss
     assert recall(ids, cpu_ids) >= 0.95 and np.allclose(scores[:, 0], cpu_scores[:, 0], atol=1e-5)
+
+
+def test_pq_rerank_pool_is_a_search_knob(tmp_path, data):
+    """The exact re-scoring pool of PQ indexes: a bigger pool never lowers recall; bad values are refused."""
+    x, q, truth = data
+    idx = Index.create(tmp_path / "ix", DIM, model="m", index_type="ivf-pq")
+    idx.add(x, [{"path": f"/x/{i}.jpg"} for i in range(len(x))])
+    idx.save()
+    idx.set_search_params(rerank_factor=1)
+    narrow = recall(idx.search(q, 10)[0], truth)
+    idx.set_search_params(rerank_factor=100)
+    wide = recall(idx.search(q, 10)[0], truth)
+    assert wide >= narrow and wide >= 0.9
+    with pytest.raises(ValueError, match="rerank_factor"):
+        idx.set_search_params(rerank_factor=0)
