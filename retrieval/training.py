@@ -136,6 +136,7 @@ DEMO_PRESET: dict = {
         "intermediate_size": 384,
         "image_size": 56,
         "patch_size": 8,
+        "initializer_factor": 1.0,  # layer scale starts at 1: no 10x damping of the residual branches
     },
     "qllama_config": {
         "hidden_size": 64,
@@ -145,9 +146,10 @@ DEMO_PRESET: dict = {
         "intermediate_size": 176,
     },
     "clip_embed_dim": 128,
-    "attn_pool_num_heads": 4,
+    "attn_pool_num_heads": 16,  # many narrow pooling heads: more independent "where is it" selectors
     "num_query_token": 8,
     "hidden_size": 64,
+    "initializer_range": 0.1,  # ~1/sqrt(width) for these narrow layers (0.02 suits the 3200-wide original)
 }
 PRESETS = {"demo": DEMO_PRESET}
 
@@ -274,6 +276,59 @@ class BatchSampler:
         # a small group may not fill its share without repeats: cap it at its size
         parts = [self._take(int(g), min(s, len(self.pools[g]))) for g, s in zip(chosen, sizes, strict=True)]
         return np.concatenate(parts)
+
+
+@torch.no_grad()
+def sharpen_attention_pooling_(model: nn.Module, std: float) -> None:
+    """Re-draw the query/key weights of both attention-pooling blocks from N(0, ``std``²).
+
+    With small q/k weights the pooling's attention is uniform, i.e. average pooling, and its gradient is
+    second order in those weights: a fresh tiny model then learns *what* is in the image (colour) long
+    before *where its outline is* (shape). Larger q/k weights start the pooling out selective, closer
+    to max pooling. For freshly built models only.
+    """
+    if std <= 0:
+        raise ValueError(f"pooling q/k std must be positive, got {std}")
+    for block in (model.clip_projector, model.clip_projector2):
+        for linear in (block.cross_attn.q, block.cross_attn.k):
+            nn.init.normal_(linear.weight, std=std)
+
+
+def _random_square(dim: int, gen: torch.Generator) -> torch.Tensor:
+    """(dim, dim) Gaussian matrix with entry variance 1/dim."""
+    return torch.randn(dim, dim, generator=gen) / math.sqrt(dim)
+
+
+@torch.no_grad()
+def mimetic_attention_init_(
+    model: nn.Module,
+    qk: tuple[float, float] = (0.7, 0.7),
+    vo: tuple[float, float] = (0.4, 0.4),
+    seed: int = 0,
+) -> None:
+    """Mimetic initialisation of InternViT's self-attention (Trockman & Kolter, ICML 2023).
+
+    Per head, ``W_q W_k^T`` is set to the best rank-``head_dim`` approximation of ``a·Z + b·I`` and, per
+    layer, ``W_v^T W_o^T`` to ``a·Z - b·I`` (``Z`` random with variance ``1/width``, ``(a, b)`` from ``qk``
+    and ``vo``). Together with a sin-cos position embedding the first attention maps are then local, as a
+    convolution's are, instead of uniform. For freshly built models only.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for layer in model.vision_model.encoder.layers:
+        attn = layer.attn
+        dim, hd = attn.embed_dim, attn.head_dim
+        eye = torch.eye(dim)
+        weight = attn.qkv.weight  # (3·dim, dim): q rows, k rows, v rows
+        for h in range(attn.num_heads):
+            u, s, vh = torch.linalg.svd(qk[0] * _random_square(dim, gen) + qk[1] * eye)
+            root = s[:hd].sqrt()
+            weight[h * hd : (h + 1) * hd] = (u[:, :hd] * root).t().to(weight.dtype)  # q = x U√S
+            k_rows = (vh[:hd] * root[:, None]).to(weight.dtype)  # k = x V√S
+            weight[dim + h * hd : dim + (h + 1) * hd] = k_rows
+        u, s, vh = torch.linalg.svd(vo[0] * _random_square(dim, gen) - vo[1] * eye)
+        root = s.sqrt()
+        weight[2 * dim :] = (vh * root[:, None]).to(weight.dtype)  # v = x V√S
+        attn.proj.weight.copy_((u * root).to(attn.proj.weight.dtype))  # out = v √S Uᵀ = x (U S Vᵀ)ᵀ
 
 
 @torch.no_grad()

@@ -40,10 +40,12 @@ from retrieval.training import (
     find_captions,
     load_weights,
     merge_config,
+    mimetic_attention_init_,
     random_shift,
     read_records,
     recall_at_k,
     save_checkpoint,
+    sharpen_attention_pooling_,
     sincos_position_embedding_,
     trim_padding,
     warmup_cosine,
@@ -110,6 +112,10 @@ def build_model(args: argparse.Namespace) -> tuple[InternVLModel, InternVLConfig
     model = InternVLModel(config).float()
     if args.sincos_pos:
         sincos_position_embedding_(model)
+    if args.mimetic_init:
+        mimetic_attention_init_(model, seed=args.seed)
+    if args.pool_qk_std:
+        sharpen_attention_pooling_(model, args.pool_qk_std)
     return model, config, Path(args.tokenizer or FIXTURE_TOKENIZER)
 
 
@@ -197,6 +203,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     src.add_argument("--config", type=Path, default=None, help="JSON config overrides for a fresh model")
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="fresh-model preset (no --init)")
     p.add_argument("--sincos-pos", action="store_true", help="fresh model: 2-D sin-cos position init")
+    p.add_argument("--mimetic-init", action="store_true", help="fresh model: mimetic self-attention init")
+    p.add_argument(
+        "--pool-qk-std", type=float, default=0.0, help="fresh model: pooling q/k init std (0 = from config)"
+    )
     p.add_argument("--tokenizer", type=Path, default=None, help="folder with tokenizer files")
     p.add_argument("--out", type=Path, required=True, help="output checkpoint folder")
     p.add_argument("--epochs", type=float, default=1.0)
@@ -221,7 +231,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--workers", type=int, default=0, help="data-loader workers for preprocessing")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.init and (args.sincos_pos or args.mimetic_init or args.pool_qk_std):
+        p.error("--sincos-pos, --mimetic-init and --pool-qk-std are for fresh models, not --init")
+    if args.pool_qk_std < 0:
+        p.error("--pool-qk-std must be >= 0")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:

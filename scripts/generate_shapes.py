@@ -19,6 +19,8 @@ import logging
 import math
 import random
 import sys
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -226,24 +228,32 @@ def render(spec: dict, rng: random.Random) -> Image.Image:
     return Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8), "RGB")
 
 
-def generate(out: Path, n: int, seed: int, languages: tuple[str, ...] = LANGUAGES) -> list[dict]:
-    """Render ``n`` images into ``out/images`` and return their rows (images written as they are made)."""
+def make_one(out: Path, i: int, seed: int, languages: tuple[str, ...]) -> dict:
+    """Render image ``i`` into ``out/images`` and return its row (a pure function of ``i`` and ``seed``)."""
+    rng = random.Random(seed * 1_000_003 + i)
+    spec = sample_spec(rng)
+    image = render(spec, rng)
+    lang = languages[i % len(languages)]
+    ext = "jpg" if rng.random() < 0.2 else "png"
+    name = f"{i:06d}.{ext}"
+    if ext == "jpg":
+        image.save(out / "images" / name, quality=rng.randint(75, 95))
+    else:
+        image.save(out / "images" / name)
+    row = {k: spec[k] for k in FIELDS if k in spec}
+    return {**row, "file": f"images/{name}", "caption": caption(spec, lang, rng), "language": lang}
+
+
+def generate(
+    out: Path, n: int, seed: int, languages: tuple[str, ...] = LANGUAGES, workers: int = 1
+) -> list[dict]:
+    """Render ``n`` images into ``out/images`` and return their rows, in order (same for any ``workers``)."""
     (out / "images").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(n):
-        rng = random.Random(seed * 1_000_003 + i)
-        spec = sample_spec(rng)
-        image = render(spec, rng)
-        lang = languages[i % len(languages)]
-        ext = "jpg" if rng.random() < 0.2 else "png"
-        name = f"{i:06d}.{ext}"
-        if ext == "jpg":
-            image.save(out / "images" / name, quality=rng.randint(75, 95))
-        else:
-            image.save(out / "images" / name)
-        row = {k: spec[k] for k in FIELDS if k in spec}
-        rows.append({**row, "file": f"images/{name}", "caption": caption(spec, lang, rng), "language": lang})
-    return rows
+    make = partial(make_one, out, seed=seed, languages=languages)
+    if workers <= 1:
+        return [make(i) for i in range(n)]
+    with ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(make, range(n), chunksize=64))
 
 
 def write_metadata(out: Path, rows: list[dict], languages: tuple[str, ...]) -> None:
@@ -259,6 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--n", type=int, default=1000, help="number of images")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="rendering processes (output is the same for any)")
     p.add_argument("--languages", default=",".join(LANGUAGES), help="comma-separated, cycled over images")
     args = p.parse_args(argv)
     languages = tuple(x.strip() for x in args.languages.split(",") if x.strip())
@@ -267,7 +278,9 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"unknown languages {unknown}; choose from {', '.join(LANGUAGES)}")
     if args.n < 1:
         p.error("--n must be >= 1")
-    rows = generate(args.out, args.n, args.seed, languages)
+    if args.workers < 1:
+        p.error("--workers must be >= 1")
+    rows = generate(args.out, args.n, args.seed, languages, args.workers)
     write_metadata(args.out, rows, languages)
     print(f"wrote {len(rows)} images + captions.csv + labels.json to {args.out}")
 

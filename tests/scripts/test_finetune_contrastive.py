@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import finetune_contrastive as ft
@@ -72,3 +73,21 @@ def test_trimmed_padding_gives_the_same_text_embedding(trained: dict) -> None:
 def test_missing_captions_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no captions.csv"):
         ft.main(["--data", str(tmp_path), "--out", str(tmp_path / "m"), "--steps", "1"])
+
+
+def test_fresh_model_init_options_train_and_save(trained: dict, shapes: Path, tmp_path: Path) -> None:
+    config = Path(trained["argv"][trained["argv"].index("--config") + 1])
+    out = tmp_path / "fresh"
+    argv = ["--data", str(shapes), "--config", str(config), "--out", str(out), "--steps", "3"]
+    argv += ["--batch-size", "8", "--threads", "1", "--sincos-pos", "--mimetic-init", "--pool-qk-std", "0.2"]
+    result = ft.main(argv)
+    assert len(result["history"]) == 3 and all(np.isfinite(h["loss"]) for h in result["history"])
+    assert (out / "model.safetensors").is_file()
+    assert "--mimetic-init" in json.loads((out / "training.json").read_text())["command"]
+
+
+def test_fresh_model_init_options_refused_with_init(trained: dict, tmp_path: Path) -> None:
+    base = ["--data", str(tmp_path), "--out", str(tmp_path / "m"), "--init", trained["out"]]
+    for extra in (["--mimetic-init"], ["--pool-qk-std", "0.2"], ["--sincos-pos"]):
+        with pytest.raises(SystemExit):
+            ft.main([*base, *extra])

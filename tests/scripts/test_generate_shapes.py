@@ -27,9 +27,9 @@ def _digest(folder: Path) -> str:
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path) -> None:
-    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
-        gs.main(["--out", str(tmp_path / name), "--n", "12", "--seed", str(seed)])
-    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    for name, seed, workers in (("a", 3, 1), ("b", 3, 2), ("c", 4, 1)):
+        gs.main(["--out", str(tmp_path / name), "--n", "12", "--seed", str(seed), "--workers", str(workers)])
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")  # worker processes change nothing
     assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
 
 
@@ -114,3 +114,5 @@ def test_bad_arguments_exit_with_message(tmp_path: Path) -> None:
         gs.main(["--out", str(tmp_path), "--n", "0"])
     with pytest.raises(SystemExit):
         gs.main(["--out", str(tmp_path), "--languages", "en,xx"])
+    with pytest.raises(SystemExit):
+        gs.main(["--out", str(tmp_path), "--workers", "0"])

@@ -136,3 +136,86 @@ def test_batch_sampler_hard_negative_groups() -> None:
         assert len({groups[i] for i in batch}) == 2
     with pytest.raises(ValueError, match="group keys"):
         BatchSampler(3, 2, seed=0, groups=["a"])
+
+
+# --- initialisation helpers for fresh tiny models ----------------------------------------------------
+def _fresh_demo_model(seed: int = 0):  # noqa: ANN202
+    from retrieval.internvl import InternVLConfig, InternVLModel
+    from retrieval.training import DEMO_PRESET
+
+    torch.manual_seed(seed)
+    return InternVLModel(InternVLConfig.from_dict(merge_config(InternVLConfig().to_dict(), DEMO_PRESET)))
+
+
+def _first_layer_attention(model) -> torch.Tensor:  # noqa: ANN001
+    """Head-averaged attention probabilities (N, N) of block 1 on a blank (all-mean) image."""
+    emb = model.vision_model.embeddings
+    size = emb.image_size if hasattr(emb, "image_size") else model.config.vision_config.image_size
+    with torch.no_grad():
+        x = emb(torch.zeros(1, 3, size, size))
+        attn = model.vision_model.encoder.layers[0].attn
+        h = model.vision_model.encoder.layers[0].norm1(x)
+        b, n, c = h.shape
+        q, k, _ = attn.qkv(h).reshape(b, n, 3, attn.num_heads, attn.head_dim).unbind(2)
+        q = attn.q_norm(q.flatten(-2)).view(b, n, attn.num_heads, attn.head_dim)
+        k = attn.k_norm(k.flatten(-2)).view(b, n, attn.num_heads, attn.head_dim)
+        logits = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(attn.head_dim)
+        return logits.softmax(-1).mean(1)[0]
+
+
+def test_sincos_position_embedding_is_fixed_2d_table() -> None:
+    from retrieval.training import sincos_position_embedding_
+
+    model = _fresh_demo_model()
+    sincos_position_embedding_(model)
+    table = model.vision_model.embeddings.position_embedding[0]
+    assert torch.all(table[0] == 0)  # class token
+    patches = table[1:]
+    grid = int(math.isqrt(len(patches)))
+    sims = patches @ patches.t()
+    # each position is most similar to itself, and nearer positions more similar than far ones
+    assert torch.equal(sims.argmax(1), torch.arange(len(patches)))
+    assert sims[0, 1] > sims[0, grid - 1] and sims[0, grid] > sims[0, grid * (grid - 1)]
+
+
+def test_mimetic_init_makes_first_attention_local() -> None:
+    from retrieval.training import mimetic_attention_init_, sincos_position_embedding_
+
+    plain, mimetic = _fresh_demo_model(), _fresh_demo_model()
+    for m in (plain, mimetic):
+        sincos_position_embedding_(m)
+    mimetic_attention_init_(mimetic, seed=3)
+    grid = int(math.isqrt(plain.vision_model.embeddings.position_embedding.shape[1] - 1))
+    ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    pos = torch.stack([ys.flatten(), xs.flatten()], 1).float()
+    dist = torch.cdist(pos, pos)  # patch-to-patch distance in grid cells
+
+    def mean_attended_distance(model) -> float:  # noqa: ANN001
+        att = _first_layer_attention(model)[1:, 1:]
+        return float((att / att.sum(1, keepdim=True) * dist).sum(1).mean())
+
+    uniform = float(dist.mean())
+    assert mean_attended_distance(plain) == pytest.approx(uniform, rel=0.02)  # random init: uniform
+    assert mean_attended_distance(mimetic) < 0.92 * uniform  # mimetic: patches attend to their neighbours
+    # W_v^T W_o^T = a Z - b I: the value/output path starts as a negative identity plus noise
+    layer = mimetic.vision_model.encoder.layers[0].attn
+    dim = layer.embed_dim
+    vo = layer.qkv.weight[2 * dim :].t() @ layer.proj.weight.t()
+    assert vo.diagonal().mean().item() == pytest.approx(-0.4, abs=0.1)
+    again = _fresh_demo_model()
+    mimetic_attention_init_(again, seed=3)
+    weights = [m.vision_model.encoder.layers[2].attn.qkv.weight for m in (again, mimetic)]
+    assert torch.equal(*weights)  # deterministic per seed
+
+
+def test_sharpen_attention_pooling_sets_qk_scale() -> None:
+    from retrieval.training import sharpen_attention_pooling_
+
+    model = _fresh_demo_model()
+    sharpen_attention_pooling_(model, 0.2)
+    for block in (model.clip_projector, model.clip_projector2):
+        for linear in (block.cross_attn.q, block.cross_attn.k):
+            assert linear.weight.std().item() == pytest.approx(0.2, rel=0.05)
+    assert model.clip_projector.cross_attn.v.weight.std().item() < 0.15  # values untouched
+    with pytest.raises(ValueError, match="positive"):
+        sharpen_attention_pooling_(model, 0.0)
