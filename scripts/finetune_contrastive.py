@@ -74,8 +74,11 @@ class PairImages(Dataset):
             return i, None
 
 
-def _collate(items: list) -> list:
-    return items
+def _collate(items: list) -> tuple[list[int], list[int], torch.Tensor | None]:
+    """One stacked tensor per batch: worker processes then share one buffer per batch, not per image."""
+    good = [(i, t) for i, t in items if t is not None]
+    bad = [i for i, t in items if t is None]
+    return [i for i, _ in good], bad, (torch.stack([t for _, t in good]) if good else None)
 
 
 def load_pairs(data: Path, captions: Path | None, transform, workers: int, desc: str):
@@ -83,19 +86,24 @@ def load_pairs(data: Path, captions: Path | None, transform, workers: int, desc:
     records = read_records(captions or find_captions(data))
     paths = [data / r["file"] for r in records]
     loader = DataLoader(PairImages(paths, transform), batch_size=64, num_workers=workers, collate_fn=_collate)
-    kept, pixels = [], []
-    for batch in tqdm(loader, desc=f"preprocessing {desc}", unit="batch", leave=False):
-        for i, tensor in batch:
-            if tensor is not None:
-                kept.append(records[i])
-                pixels.append(tensor)
+    kept: list[int] = []
+    pixels: torch.Tensor | None = None
+    for good, _bad, batch in tqdm(loader, desc=f"preprocessing {desc}", unit="batch", leave=False):
+        if batch is None:
+            continue
+        if pixels is None:  # one allocation; batches are copied in and their shared buffers released
+            pixels = torch.empty((len(records), *batch.shape[1:]), dtype=batch.dtype)
+        pixels[len(kept) : len(kept) + len(good)] = batch
+        kept += good
     if len(kept) < len(records):
         logger.warning(
             "%s: skipped %d of %d images that could not be read", desc, len(records) - len(kept), len(records)
         )
-    if not kept:
+    if pixels is None or not kept:
         raise ValueError(f"{data}: no readable images")
-    return torch.stack(pixels), [r["caption"] for r in kept], kept
+    rows = [records[i] for i in kept]
+    pixels = pixels if len(kept) == len(records) else pixels[: len(kept)].clone()
+    return pixels, [r["caption"] for r in rows], rows
 
 
 # --- model ----------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import finetune_contrastive as ft
@@ -91,3 +92,16 @@ def test_fresh_model_init_options_refused_with_init(trained: dict, tmp_path: Pat
     for extra in (["--mimetic-init"], ["--pool-qk-std", "0.2"], ["--sincos-pos"]):
         with pytest.raises(SystemExit):
             ft.main([*base, *extra])
+
+
+def test_load_pairs_same_with_worker_processes_and_skips_bad_files(shapes: Path, tmp_path: Path) -> None:
+    from retrieval.internvl import build_transform
+
+    data = tmp_path / "data"
+    shutil.copytree(shapes, data)
+    (data / "images" / "000003.png").write_bytes(b"not an image")
+    transform = build_transform("retrieval", 32)
+    serial = ft.load_pairs(data, None, transform, 0, "test")
+    parallel = ft.load_pairs(data, None, transform, 2, "test")
+    assert torch.equal(serial[0], parallel[0]) and serial[1] == parallel[1]
+    assert len(serial[1]) == 15 and "images/000003.png" not in [r["file"] for r in serial[2]]
