@@ -74,11 +74,10 @@ class PairImages(Dataset):
             return i, None
 
 
-def _collate(items: list) -> tuple[list[int], list[int], torch.Tensor | None]:
-    """One stacked tensor per batch: worker processes then share one buffer per batch, not per image."""
+def _collate(items: list) -> tuple[list[int], torch.Tensor | None]:
+    """(indices of the readable images, their stacked tensor): one shared buffer per batch, not per image."""
     good = [(i, t) for i, t in items if t is not None]
-    bad = [i for i, t in items if t is None]
-    return [i for i, _ in good], bad, (torch.stack([t for _, t in good]) if good else None)
+    return [i for i, _ in good], (torch.stack([t for _, t in good]) if good else None)
 
 
 def load_pairs(data: Path, captions: Path | None, transform, workers: int, desc: str):
@@ -88,7 +87,7 @@ def load_pairs(data: Path, captions: Path | None, transform, workers: int, desc:
     loader = DataLoader(PairImages(paths, transform), batch_size=64, num_workers=workers, collate_fn=_collate)
     kept: list[int] = []
     pixels: torch.Tensor | None = None
-    for good, _bad, batch in tqdm(loader, desc=f"preprocessing {desc}", unit="batch", leave=False):
+    for good, batch in tqdm(loader, desc=f"preprocessing {desc}", unit="batch", leave=False):
         if batch is None:
             continue
         if pixels is None:  # one allocation; batches are copied in and their shared buffers released

@@ -150,9 +150,8 @@ def _fresh_demo_model(seed: int = 0):  # noqa: ANN202
 def _first_layer_attention(model) -> torch.Tensor:  # noqa: ANN001
     """Head-averaged attention probabilities (N, N) of block 1 on a blank (all-mean) image."""
     emb = model.vision_model.embeddings
-    size = emb.image_size if hasattr(emb, "image_size") else model.config.vision_config.image_size
     with torch.no_grad():
-        x = emb(torch.zeros(1, 3, size, size))
+        x = emb(torch.zeros(1, 3, emb.image_size, emb.image_size))
         attn = model.vision_model.encoder.layers[0].attn
         h = model.vision_model.encoder.layers[0].norm1(x)
         b, n, c = h.shape
