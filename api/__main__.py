@@ -15,6 +15,7 @@ import uvicorn
 
 from api.app import create_app
 from api.settings import Settings
+from retrieval.devices import DTYPE_HELP, dtype_arg
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -27,7 +28,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, help="port, default 8000 (IVL_PORT)")
     p.add_argument("--api-key", help="require this key as Bearer token or X-API-Key (IVL_API_KEY)")
     p.add_argument("--device", help="torch device: cpu, cuda, cuda:1 ... (IVL_DEVICE)")
-    p.add_argument("--dtype", help="model dtype: float32, float16, bfloat16 (IVL_DTYPE)")
+    p.add_argument(
+        "--dtype",
+        type=dtype_arg,
+        metavar="DTYPE",
+        help=DTYPE_HELP,
+    )
     p.add_argument(
         "--cors-origins", help="comma-separated allowed CORS origins; off by default (IVL_CORS_ORIGINS)"
     )

@@ -9,7 +9,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.concurrency import run_in_threadpool
@@ -24,15 +23,6 @@ from api.settings import Settings
 from retrieval.base import Encoder
 
 logger = logging.getLogger(__name__)
-
-
-def _dtype(name: str | None) -> torch.dtype | None:
-    if name is None:
-        return None
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r} (e.g. float32, float16, bfloat16)")
-    return dtype
 
 
 def _open_index(path: Path) -> Any:
@@ -63,14 +53,14 @@ async def _load(service: Service, encoder: Encoder | None, chat_model: Any, open
         from retrieval import load_encoder
 
         encoder = await run_in_threadpool(
-            lambda: load_encoder(s.model, device=s.device, dtype=_dtype(s.dtype))
+            lambda: load_encoder(s.model, device=s.device, dtype=s.dtype)
         )
     service.encoder = encoder
     if chat_model is None and s.chat_model:
         from chat import load_chat_model
 
         chat_model = await run_in_threadpool(
-            lambda: load_chat_model(s.chat_model, device=s.device, dtype=_dtype(s.dtype))
+            lambda: load_chat_model(s.chat_model, device=s.device, dtype=s.dtype)
         )
     service.chat_model = chat_model
     if s.index:
@@ -150,4 +140,26 @@ def create_app(
         )
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    _document_auth(app, required=settings.api_key is not None)
     return app
+
+
+def _document_auth(app: FastAPI, *, required: bool) -> None:
+    """Make the OpenAPI document say what the server enforces: the API-key schemes and their 401 answers
+    only when a key is configured; an open server declares no security at all."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        if not required:
+            schema.get("components", {}).pop("securitySchemes", None)
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    if isinstance(operation, dict) and operation.pop("security", None) is not None:
+                        operation.get("responses", {}).pop("401", None)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

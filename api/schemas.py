@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import re
+from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from chat.model import MIN_SAMPLING_TEMPERATURE  # noqa: F401  (re-exported: below it, greedy)
 from retrieval.zero_shot_templates import DEFAULT_TEMPLATES
@@ -25,20 +26,68 @@ def _utf8(value: str) -> str:
 Text = Annotated[str, Field(min_length=1, max_length=10_000), AfterValidator(_utf8)]
 
 
+def _json_integer(value: object) -> object:
+    """A JSON-schema ``integer``: an int or an integral float (``5.0``); never a bool or a string."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("must be an integer")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("must be an integer")
+        return int(value)
+    return value
+
+
+def Integer(**constraints: Any) -> Any:  # noqa: N802  (a type)
+    """``int`` with JSON-schema ``integer`` semantics and the given bounds (``ge``, ``le``), which must come
+    before the validator to appear in the OpenAPI document as ``minimum`` / ``maximum``."""
+    return Annotated[int, Field(**constraints), BeforeValidator(_json_integer)]
+
+
+# whitespace as ECMA-262 patterns (JSON Schema) and Python's str.strip define it, both: the schema and the
+# server agree on what is blank
+_WHITESPACE = (
+    "\t\n\v\f\r\x1c-\x1f \x85\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+)
+NOT_BLANK = f"[^{_WHITESPACE}]"
+
+
 def _not_blank(value: str) -> str:
-    if not value.strip():
+    if re.search(NOT_BLANK, value) is None:
         raise ValueError("must not be blank")
     return value
 
 
 Label = Annotated[
-    str, Field(min_length=1, max_length=1_000), AfterValidator(_utf8), AfterValidator(_not_blank)
+    str,
+    Field(min_length=1, max_length=1_000, pattern=NOT_BLANK, description="not blank"),
+    AfterValidator(_utf8),
+    AfterValidator(_not_blank),
 ]
 Template = Annotated[str, Field(min_length=2, max_length=1_000, pattern=r"\{\}"), AfterValidator(_utf8)]
 ImageB64 = Annotated[
-    str, Field(min_length=1, description="base64 of an image file (data: URL prefix allowed)")
+    str,
+    Field(
+        min_length=1,
+        description="base64 of an image file (data: URL prefix allowed)",
+        json_schema_extra={"format": "byte", "contentMediaType": "image/*"},
+    ),
 ]
-ImageId = Annotated[int, Field(ge=0, le=MAX_ID, description="id of an indexed image")]
+ImageId = Annotated[Integer(ge=0, le=MAX_ID), Field(description="id of an indexed image")]
+
+
+def one_of_present(names: tuple[str, ...]) -> list[dict[str, Any]]:
+    """``oneOf`` branches: the body has ``name`` (not null), for each name."""
+    return [{"required": [name], "properties": {name: {"not": {"type": "null"}}}} for name in names]
+
+
+def exactly_one_of(*names: str) -> dict[str, Any]:
+    """JSON-schema ``oneOf``: exactly one of ``names`` is present and not null (what :func:`_exactly_one`
+    enforces), so that the OpenAPI document admits only bodies the server accepts."""
+
+    def extra(schema: dict[str, Any]) -> None:
+        schema["oneOf"] = one_of_present(names)
+
+    return {"json_schema_extra": extra}
 
 
 def _exactly_one(model: BaseModel, names: tuple[str, ...]) -> None:
@@ -51,12 +100,12 @@ def _exactly_one(model: BaseModel, names: tuple[str, ...]) -> None:
 class SearchRequest(BaseModel):
     """Exactly one query: ``text``, ``image`` (base64) or ``image_id``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", **exactly_one_of("text", "image", "image_id"))
 
     text: Text | None = None
     image: ImageB64 | None = None
     image_id: ImageId | None = None
-    k: int = Field(10, ge=1, le=1000, description="number of results")
+    k: Integer(ge=1, le=1000) = Field(10, description="number of results")
 
     @model_validator(mode="after")
     def _one_query(self) -> SearchRequest:
@@ -78,11 +127,11 @@ class SearchResponse(BaseModel):
 class ClassifyRequest(BaseModel):
     """Zero-shot classification of one image (``image`` or ``image_id``) over ``labels``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", **exactly_one_of("image", "image_id"))
 
     image: ImageB64 | None = None
     image_id: ImageId | None = None
-    labels: list[Label] = Field(min_length=2, max_length=1000)
+    labels: list[Label] = Field(min_length=2, max_length=1000, json_schema_extra={"uniqueItems": True})
     templates: list[Template] | None = Field(
         None, min_length=1, max_length=100, description="prompt templates with '{}' for the label"
     )
@@ -108,23 +157,35 @@ class ClassifyResponse(BaseModel):
     scores: list[LabelScore]
 
 
+Question = Annotated[
+    str,
+    Field(min_length=1, max_length=10_000, pattern=NOT_BLANK, description="not blank"),
+    AfterValidator(_utf8),
+    AfterValidator(_not_blank),
+]
+
+
 class ChatRequest(BaseModel):
     """A question, answered from the given ``images`` or from the top ``k`` retrieved ones."""
 
     model_config = ConfigDict(extra="forbid")
 
-    question: Text
+    question: Question
     images: list[ImageB64] | None = Field(None, min_length=1, max_length=16)
-    k: int = Field(3, ge=1, le=16, description="images to retrieve when 'images' is absent")
+    k: Integer(ge=1, le=16) = Field(3, description="images to retrieve when 'images' is absent")
     history: list[tuple[Text, Text]] | None = Field(
         None, max_length=64, description="[user, assistant] pairs"
     )
-    max_new_tokens: int = Field(512, ge=1, le=4096)
+    max_new_tokens: Integer(ge=1, le=4096) = 512
     temperature: float = Field(
-        0.0, ge=0.0, le=2.0, description="0 = greedy decoding (so is anything below 0.01); above: sampling"
+        0.0,
+        ge=0.0,
+        le=2.0,
+        strict=True,
+        description="0 = greedy decoding (so is anything below 0.01); above: sampling"
     )
-    max_num_tiles: int | None = Field(None, ge=1, le=40)
-    stream: bool = False
+    max_num_tiles: Integer(ge=1, le=40) | None = None
+    stream: bool = Field(False, strict=True)
 
 
 class Source(BaseModel):
@@ -149,6 +210,7 @@ class HealthResponse(BaseModel):
     ready: bool
     models: ModelsInfo
     device: str | None
+    dtype: str | None
     index_size: int
     index_dir: str | None
     batching: bool

@@ -8,6 +8,7 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from retrieval.devices import parse_dtype
 from retrieval.images import DEFAULT_MAX_PIXELS
 
 
@@ -22,7 +23,9 @@ class Settings(BaseSettings):
     chat_model: str | None = Field(None, description="InternVL-Chat checkpoint; /chat answers 503 without it")
     device: str | None = Field(None, description="torch device, e.g. cpu, cuda, cuda:1 (default: auto)")
     dtype: str | None = Field(
-        None, description="model dtype, e.g. float32, bfloat16 (default: backend's choice)"
+        None,
+        description="model dtype: float32/fp32, float16/fp16/half, bfloat16/bf16 or auto (default: auto, "
+        "bf16 on GPUs with native bf16, fp16 on older GPUs, float32 on CPU)",
     )
 
     # network and security
@@ -52,6 +55,14 @@ class Settings(BaseSettings):
     reload_interval_s: float = Field(1.0, ge=0.0, description="manifest.json check period; 0 = off")
 
     log_level: str = "info"
+
+    @field_validator("dtype")
+    @classmethod
+    def _check_dtype(cls, value: str | None) -> str | None:
+        """Refuse an unknown precision name at start-up, with the accepted spellings."""
+        if value is not None:
+            parse_dtype(value)
+        return value
 
     @field_validator("cors_origins", "image_roots", mode="before")
     @classmethod

@@ -19,6 +19,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -71,6 +72,10 @@ class ChatSettings:
     max_dynamic_patch: int = 12
     ps_version: str = "v2"
     llm_arch: str = "LlamaForCausalLM"
+    #: the checkpoint's ``system_message`` (config.json); None: the template's default
+    system_message: str | None = None
+    #: folder whose ``preprocessor_config.json`` preprocesses whole images (non-tiling checkpoints only)
+    image_processor: str | None = None
 
 
 def is_original_format(config: Mapping[str, Any]) -> bool:
@@ -106,8 +111,8 @@ def llm_arch(config: Mapping[str, Any]) -> str:
 def text_config(config: Mapping[str, Any], *, tie_word_embeddings: bool = False) -> PretrainedConfig:
     """``llm_config`` -> a native transformers text config (InternLM2 becomes a LLaMA config).
 
-    InternVL-Chat checkpoints store their own lm head (InternVL2-1B unties Qwen2-0.5B's), so the head is
-    untied unless the caller found none in the checkpoint.
+    ``tie_word_embeddings`` is decided by :func:`tie_lm_head` (the reference's tying), not by
+    ``llm_config``'s own flag, which the reference never applies to a loaded checkpoint.
     """
     arch = llm_arch(config)
     llm = _clean(config["llm_config"])
@@ -162,8 +167,13 @@ def vision_config(config: Mapping[str, Any]) -> InternVLVisionConfig:
     )
 
 
-def chat_settings(config: Mapping[str, Any]) -> ChatSettings:
-    """Template, tiling and image-token facts of an original-format config."""
+def chat_settings(config: Mapping[str, Any], folder: str | Path | None = None) -> ChatSettings:
+    """Template, system message, tiling and image-token facts of an original-format config.
+
+    ``system_message`` is the config's when it has one (the reference ``InternVLChatModel.__init__``:
+    ``if hasattr(config, 'system_message')``), else None (the template's own). With ``folder``, a
+    non-tiling checkpoint's ``preprocessor_config.json`` there is recorded as its image processor.
+    """
     vc = {**VISION_DEFAULTS, **config["vision_config"]}
     cfg = {**CHAT_DEFAULTS, **config}
     image_size = int(cfg["force_image_size"] or vc["image_size"])
@@ -172,16 +182,25 @@ def chat_settings(config: Mapping[str, Any]) -> ChatSettings:
         raise CheckpointError(f"unknown ps_version {cfg['ps_version']!r} (expected 'v1' or 'v2')")
     if not cfg.get("template"):
         raise CheckpointError("config.json has no 'template' (the conversation template, e.g. 'Hermes-2')")
+    system_message = config.get("system_message")
+    if system_message is not None and not isinstance(system_message, str):
+        raise CheckpointError(f"system_message must be a string, got {type(system_message).__name__}")
+    dynamic = bool(cfg["dynamic_image_size"])
+    processor = None
+    if folder is not None and not dynamic and (Path(folder) / "preprocessor_config.json").is_file():
+        processor = str(folder)
     return ChatSettings(
         template=cfg["template"],
         image_size=image_size,
         num_image_token=int((image_size // int(vc["patch_size"])) ** 2 * ratio**2),
-        dynamic_image_size=bool(cfg["dynamic_image_size"]),
+        dynamic_image_size=dynamic,
         use_thumbnail=bool(cfg["use_thumbnail"]),
         min_dynamic_patch=int(cfg["min_dynamic_patch"]),
         max_dynamic_patch=int(cfg["max_dynamic_patch"]),
         ps_version=cfg["ps_version"],
         llm_arch=llm_arch(config),
+        system_message=system_message,
+        image_processor=processor,
     )
 
 
@@ -312,3 +331,156 @@ def convert_state_dict(
         else:
             put(name, tensor)
     return out
+
+
+# ---------------------------------------------------------------------------- lm head tying
+
+_EMBED = "model.language_model.embed_tokens.weight"
+_HEAD = "lm_head.weight"
+
+
+def reference_ties_head(config: Mapping[str, Any]) -> bool:
+    """Whether the reference ``InternVLChatModel`` ties its lm head to the input embeddings.
+
+    transformers 4.37 ``from_pretrained`` ties only at the top level: ``tie_weights()`` reads the
+    ``InternVLChatConfig``'s ``tie_word_embeddings`` (absent from config.json: the ``PretrainedConfig``
+    default, True) and ties ``get_output_embeddings()`` to ``get_input_embeddings()``, which the reference
+    class forwards to its ``language_model``. The nested LLM's own ``tie_weights`` never runs during
+    loading (weights are not initialised), so ``llm_config.tie_word_embeddings`` is not consulted.
+    """
+    return bool(config.get("tie_word_embeddings", True))
+
+
+def tie_lm_head(
+    state: dict[str, torch.Tensor], config: Mapping[str, Any]
+) -> tuple[dict[str, torch.Tensor], bool]:
+    """Apply the reference's tying to a converted state dict: ``(state, tied)``.
+
+    * The reference ties (:func:`reference_ties_head`) and the checkpoint stores both tensors: the head is
+      the stored ``embed_tokens`` and the stored ``lm_head`` is dropped (logged when it differs). This is
+      what the reference loader ``internvl.model.load_model_and_tokenizer`` computes
+      (``from_pretrained(..., low_cpu_mem_usage=True)``: the weights replace the meta parameters, then
+      ``tie_weights()`` points the head at the embeddings), as does any ``device_map`` load.
+    * The checkpoint has no ``lm_head``: tied when the reference ties or ``llm_config`` says so (a
+      checkpoint saved with a shared head), else the head is reported missing.
+    * Otherwise the stored tensors are used as stored.
+    """
+    llm_ties = bool((config.get("llm_config") or {}).get("tie_word_embeddings"))
+    if _HEAD not in state:
+        return state, reference_ties_head(config) or llm_ties
+    if not reference_ties_head(config) or _EMBED not in state:
+        return state, False
+    head = state.pop(_HEAD)
+    embed = state[_EMBED]
+    if head.shape != embed.shape or (not head.is_meta and not torch.equal(head, embed)):
+        logger.warning(
+            "config.json ties the lm head to the input embeddings (top-level tie_word_embeddings %s): the "
+            "stored lm_head.weight differs from embed_tokens and is not used, as in the reference "
+            "InternVLChatModel",
+            "absent (default true)" if "tie_word_embeddings" not in config else "true",
+        )
+    return state, True
+
+
+# ---------------------------------------------------------------------------- pixel shuffle v1
+
+_PS_V1_WARNED = False
+PS_V1_WARNING = (
+    "In ps_version 'v1', the height and width have not been swapped back, "
+    "which results in a transposed image."
+)
+
+
+def pixel_shuffle_v1(vision_features: torch.Tensor, scale_factor: float = 0.5) -> torch.Tensor:
+    """The reference ``InternVLChatModel.pixel_shuffle`` with ``ps_version == 'v1'``.
+
+    ``[n, w, h, c] -> [n, h*s, w*s, c/s^2]`` without the final height/width swap of v2. The reference's
+    warning is logged once per process, not on every call.
+    """
+    global _PS_V1_WARNED
+    if not _PS_V1_WARNED:
+        _PS_V1_WARNED = True
+        logger.warning(PS_V1_WARNING)
+    n, w, h, c = vision_features.size()
+    x = vision_features.view(n, w, int(h * scale_factor), int(c / scale_factor))
+    x = x.permute(0, 2, 1, 3).contiguous()
+    return x.view(n, int(h * scale_factor), int(w * scale_factor), int(c / (scale_factor * scale_factor)))
+
+
+def use_pixel_shuffle_v1(model: torch.nn.Module) -> None:
+    """Make a native ``InternVLForConditionalGeneration`` shuffle pixels as ``ps_version: v1``."""
+    model.model.pixel_shuffle = pixel_shuffle_v1
+
+
+# ---------------------------------------------------------------------------- checkpoint layout
+
+_NV = r"^model\.vision_tower\."
+_NL = _NV + r"encoder\.layer\.(\d+)\."
+_OL = r"vision_model.encoder.layers.\1."
+_NATIVE_TO_ORIGINAL = [
+    (_NV + r"embeddings\.cls_token$", "vision_model.embeddings.class_embedding"),
+    (_NV + r"embeddings\.position_embeddings$", "vision_model.embeddings.position_embedding"),
+    (_NV + r"embeddings\.patch_embeddings\.projection\.", "vision_model.embeddings.patch_embedding."),
+    (_NL + r"attention\.projection_layer\.", _OL + "attn.proj."),
+    (_NL + r"attention\.(q_norm|k_norm)\.", _OL + r"attn.\2."),
+    (_NL + r"mlp\.", _OL + "mlp."),
+    (_NL + r"layernorm_before\.", _OL + "norm1."),
+    (_NL + r"layernorm_after\.", _OL + "norm2."),
+    (_NL + r"lambda_1$", _OL + "ls1"),
+    (_NL + r"lambda_2$", _OL + "ls2"),
+    (r"^model\.multi_modal_projector\.layer_norm\.", "mlp1.0."),
+    (r"^model\.multi_modal_projector\.linear_1\.", "mlp1.1."),
+    (r"^model\.multi_modal_projector\.linear_2\.", "mlp1.3."),
+]
+_INTERNLM2_TO_ORIGINAL = [
+    (r"\.self_attn\.o_proj\.", ".attention.wo."),
+    (r"\.mlp\.gate_proj\.", ".feed_forward.w1."),
+    (r"\.mlp\.up_proj\.", ".feed_forward.w3."),
+    (r"\.mlp\.down_proj\.", ".feed_forward.w2."),
+    (r"\.input_layernorm\.", ".attention_norm."),
+    (r"\.post_attention_layernorm\.", ".ffn_norm."),
+    (r"^model\.embed_tokens\.", "model.tok_embeddings."),
+    (r"^lm_head\.", "output."),
+]
+_NATIVE_QKV = re.compile(_NL + r"attention\.[qkv]_proj\.(weight|bias)$")
+_NATIVE_LLM_QKV = re.compile(r"^model\.layers\.(\d+)\.self_attn\.[qkv]_proj\.(weight|bias)$")
+
+
+def checkpoint_layout(config: Mapping[str, Any], *, image_token_id: int = 0) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the original-format checkpoint that the converter expects for ``config``.
+
+    Built from the native model on the ``meta`` device (no memory) with an untied head, so the stored
+    ``language_model.lm_head.weight`` (or InternLM2's ``output.weight``) is included; the fused InternViT
+    ``qkv`` and InternLM2 ``wqkv`` tensors appear as stored.
+    """
+    from transformers import InternVLForConditionalGeneration
+
+    arch = llm_arch(config)
+    with torch.device("meta"):
+        model = InternVLForConditionalGeneration(native_config(config, image_token_id=image_token_id))
+    layout: dict[str, tuple[int, ...]] = {}
+
+    def fuse(name: str, shape: tuple[int, ...]) -> None:
+        if name in layout:
+            layout[name] = (layout[name][0] + shape[0], *shape[1:])
+        else:
+            layout[name] = shape
+
+    for name, tensor in model.state_dict().items():
+        shape = tuple(tensor.shape)
+        if m := _NATIVE_QKV.match(name):
+            fuse(f"vision_model.encoder.layers.{m[1]}.attn.qkv.{m[2]}", shape)
+            continue
+        if name.startswith("model.vision_tower.") or name.startswith("model.multi_modal_projector."):
+            layout[_rename(name, _NATIVE_TO_ORIGINAL)] = shape
+            continue
+        inner = name
+        if name.startswith("model.language_model."):
+            inner = "model." + name[len("model.language_model.") :]
+        if arch == "InternLM2ForCausalLM":
+            if m := _NATIVE_LLM_QKV.match(inner):
+                fuse(f"language_model.model.layers.{m[1]}.attention.wqkv.{m[2]}", shape)
+                continue
+            inner = _rename(inner, _INTERNLM2_TO_ORIGINAL)
+        layout["language_model." + inner] = shape
+    return layout

@@ -8,6 +8,7 @@ character, no partial separator).
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -57,6 +58,17 @@ def logits_processors(config: GenerationConfig, prompt_length: int) -> LogitsPro
 
 
 @torch.inference_mode()
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The forward argument that takes the KV cache: ``cache`` (transformers >= 5.2x), else ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def kv_cache(output: Any) -> Any:
+    """The KV cache of a forward's output, under either of transformers' names for it."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 def iter_new_tokens(
     model: PreTrainedModel,
     input_ids: torch.Tensor,
@@ -78,6 +90,7 @@ def iter_new_tokens(
     mask = torch.ones_like(input_ids)
     extra = {} if pixel_values is None else {"pixel_values": pixel_values}
     out = model(input_ids=input_ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **extra)
+    cache_arg = cache_kwarg(model)
     ids = input_ids
     for step in range(int(config.max_new_tokens)):
         scores = processors(ids, out.logits[:, -1].to(dtype=torch.float32, device=ids.device))
@@ -90,9 +103,7 @@ def iter_new_tokens(
             return
         ids = torch.cat([ids, token[:, None]], dim=-1)
         mask = torch.cat([mask, mask.new_ones((1, 1))], dim=-1)
-        out = model(
-            input_ids=token[:, None], attention_mask=mask, past_key_values=out.past_key_values, use_cache=True
-        )
+        out = model(input_ids=token[:, None], attention_mask=mask, use_cache=True, **{cache_arg: kv_cache(out)})
 
 
 class AnswerDecoder:

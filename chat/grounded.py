@@ -116,9 +116,15 @@ def _generate(
     max_new_tokens: int,
     temperature: float,
     max_num_tiles: int | None,
+    system_message: str | None = None,
 ) -> tuple[list[dict[str, Any]], Any]:
-    """Retrieve, then call ``chat_model.<method>`` ("chat" or "stream") on the retrieved images."""
+    """Retrieve, then call ``chat_model.<method>`` ("chat" or "stream") on the retrieved images.
+
+    The prompt carries the chat model's system message (the checkpoint's), or ``system_message``.
+    """
     gen = _generation_kwargs(max_new_tokens, temperature)
+    if system_message is not None:
+        gen["system_message"] = system_message
     req = prepare(
         question,
         index=index,
@@ -149,14 +155,17 @@ def answer(
     max_new_tokens: int = 512,
     temperature: float = 0.0,
     max_num_tiles: int | None = None,
+    system_message: str | None = None,
 ) -> dict[str, Any]:
     """Answer ``question`` grounded on the top-k retrieved images: ``{"answer", "sources"}``.
 
-    ``temperature`` 0 is greedy decoding; above 0 samples with that temperature.
+    ``temperature`` 0 is greedy decoding; above 0 samples with that temperature. ``system_message``
+    replaces the checkpoint's system message for this answer.
     """
     sources, text = _generate(
         "chat", question, index=index, encoder=encoder, chat_model=chat_model, k=k, history=history,
         max_new_tokens=max_new_tokens, temperature=temperature, max_num_tiles=max_num_tiles,
+        system_message=system_message,
     )  # fmt: skip
     return {"answer": text, "sources": sources}
 
@@ -172,6 +181,7 @@ def stream_answer(
     max_new_tokens: int = 512,
     temperature: float = 0.0,
     max_num_tiles: int | None = None,
+    system_message: str | None = None,
 ) -> tuple[list[dict[str, Any]], Iterator[str]]:
     """Like :func:`answer`, for server-sent events: ``(sources, iterator of text pieces)``.
 
@@ -180,4 +190,5 @@ def stream_answer(
     return _generate(
         "stream", question, index=index, encoder=encoder, chat_model=chat_model, k=k, history=history,
         max_new_tokens=max_new_tokens, temperature=temperature, max_num_tiles=max_num_tiles,
+        system_message=system_message,
     )  # fmt: skip

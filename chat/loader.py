@@ -25,8 +25,11 @@ from chat.convert import (
     convert_state_dict,
     is_original_format,
     native_config,
+    tie_lm_head,
+    use_pixel_shuffle_v1,
 )
 from chat.model import ChatModel
+from retrieval.devices import attention_implementation, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -66,22 +69,12 @@ def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
 
 def default_device() -> torch.device:
     """CUDA when available, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_device(None)
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on CUDA (where supported), fp32 elsewhere."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16 if device.type == "cuda" else torch.float32
-
-
-def attention_implementation(device: torch.device, dtype: torch.dtype) -> str:
-    """flash-attn 2 when installed, on CUDA and in half precision; else PyTorch SDPA."""
-    half = dtype in (torch.float16, torch.bfloat16)
-    if device.type == "cuda" and half and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
+    """bf16 on natively-bf16 CUDA, fp16 on older CUDA, fp32 elsewhere (``retrieval.devices``)."""
+    return resolve_dtype(None, device)
 
 
 def quantization_config(mode: str | None) -> Any:
@@ -150,7 +143,7 @@ def load_chat_model(
     path: str | Path,
     *,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: str | torch.dtype | None = None,
     quantization: str | None = None,
     device_map: str | dict | None = None,
     attn_implementation: str | None = None,
@@ -158,7 +151,8 @@ def load_chat_model(
 ) -> ChatModel:
     """Load an InternVL-Chat folder into a :class:`ChatModel` (native transformers classes, no remote code).
 
-    Defaults: CUDA when available, bf16 there and fp32 on CPU, flash-attn 2 when installed.
+    Defaults: CUDA when available, bf16 there (fp16 without native bf16) and fp32 on CPU, flash-attn 2 where
+    usable; ``dtype`` takes the names of :mod:`retrieval.devices` (``"bf16"``, ``"auto"``, ...).
     ``quantization`` ``"8bit"``/``"4bit"`` needs bitsandbytes and CUDA; ``device_map`` becomes ``"auto"``
     only when the model does not fit on one of several GPUs. ``template`` overrides the conversation
     template (HF-native folders carry none: ``internvl2_5`` is assumed).
@@ -168,8 +162,8 @@ def load_chat_model(
     if not config_path.is_file():
         raise CheckpointError(f"{folder}: no config.json (not a model folder)")
     config = json.loads(config_path.read_text())
-    device = torch.device(device) if device is not None else default_device()
-    dtype = dtype or default_dtype(device)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     attn = attn_implementation or attention_implementation(device, dtype)
     tokenizer = load_tokenizer(folder)
     image_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
@@ -181,10 +175,9 @@ def load_chat_model(
         common["quantization_config"] = quant
 
     if is_original_format(config):
-        settings = chat_settings(config)
+        settings = chat_settings(config, folder)
         state = convert_state_dict(read_safetensors(folder), config, dtype=dtype)
-        # an lm head is always stored, except by a checkpoint whose llm_config really ties it
-        tied = "lm_head.weight" not in state and bool(config["llm_config"].get("tie_word_embeddings"))
+        state, tied = tie_lm_head(state, config)  # the reference InternVLChatModel's tying (4.37)
         n_params = sum(t.numel() for t in state.values())
         device_map = device_map or default_device_map(device, n_params, dtype, quant is not None)
         model, info = InternVLForConditionalGeneration.from_pretrained(
@@ -211,7 +204,7 @@ def load_chat_model(
     if template is not None:
         settings = dataclasses.replace(settings, template=template)
     if settings.ps_version == "v1":
-        _use_pixel_shuffle_v1(model)
+        use_pixel_shuffle_v1(model)
     _match_qk_norm_eps(model, config)
     if device_map is None:
         model.to(device)
@@ -222,18 +215,6 @@ def load_chat_model(
     return ChatModel(
         model, tokenizer, settings, llm_config=config.get("llm_config") or config.get("text_config")
     )
-
-
-def _use_pixel_shuffle_v1(model: InternVLForConditionalGeneration) -> None:
-    """``ps_version: v1`` (InternVL-Chat-V1-2): the shuffled grid stays transposed (h/w not swapped back)."""
-    inner = model.model
-    native = inner.pixel_shuffle
-
-    def pixel_shuffle_v1(vision_features: torch.Tensor, scale_factor: float = 0.5) -> torch.Tensor:
-        # native (v2) returns [n, w', h', c']; v1 keeps the intermediate [n, h', w', c'] layout
-        return native(vision_features, scale_factor=scale_factor).permute(0, 2, 1, 3).contiguous()
-
-    inner.pixel_shuffle = pixel_shuffle_v1
 
 
 def _match_qk_norm_eps(model: InternVLForConditionalGeneration, config: dict[str, Any]) -> None:

@@ -1,9 +1,10 @@
 """``ChatModel``: InternVL-Chat's ``chat`` / ``batch_chat`` (and streaming) on transformers' native classes.
 
 Behaviour follows the official ``InternVLChatModel`` (OpenGVLab/InternVL): the prompt is built by the
-checkpoint's conversation template, each ``<image>`` becomes ``<img>`` + ``<IMG_CONTEXT>`` x (tiles x tokens
-per tile) + ``</img>``, generation stops only on the template separator token, and the answer is decoded
-with special tokens skipped, cut at the separator and stripped.
+checkpoint's conversation template with the checkpoint's ``system_message`` (config.json; the template's
+default otherwise; any call may pass its own), each ``<image>`` becomes ``<img>`` + ``<IMG_CONTEXT>`` x
+(tiles x tokens per tile) + ``</img>``, generation stops only on the template separator token, and the
+answer is decoded with special tokens skipped, cut at the separator and stripped.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from chat.generation import AnswerDecoder, NewTokensRepetitionPenalty, increment
 from chat.prompt import build_batch_queries, build_query, stop_token_id, tokenize_batch
 from chat.templates import get_template
 from chat.tiling import tile_images
+from chat.transforms import ImageProcessorTransform, TileTransform
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +51,15 @@ class ChatModel:
         self.tokenizer = tokenizer
         self.settings = settings
         self.template = get_template(settings.template)
+        if system_message is None:  # the checkpoint's (config.json), else the template's default
+            system_message = settings.system_message
         self.system_message = self.template.system_message if system_message is None else system_message
+        self.image_transform: Any = (
+            ImageProcessorTransform(settings.image_processor, settings.image_size)
+            if settings.image_processor and not settings.dynamic_image_size
+            else TileTransform(settings.image_size)
+        )
+        self._warned_tiles = False
         self.num_image_token = settings.num_image_token
         self.img_context_token_id = int(model.config.image_token_id)
         self.stop_token_id = stop_token_id(tokenizer, self.template)
@@ -80,37 +90,60 @@ class ChatModel:
 
     # ------------------------------------------------------------------ prompts
     def build_prompt(
-        self, question: str, num_patches_list: Sequence[int] | None, history: Sequence | None = None
+        self,
+        question: str,
+        num_patches_list: Sequence[int] | None,
+        history: Sequence | None = None,
+        *,
+        system_message: str | None = None,
     ) -> str:
         """The exact prompt ``chat()`` tokenizes: ``<image>\\n`` prepended when images are given, there is
-        no history and the question has no placeholder; each ``<image>`` expanded to its image tokens."""
+        no history and the question has no placeholder; each ``<image>`` expanded to its image tokens.
+
+        ``system_message`` replaces the model's (the checkpoint's or the template's) for this prompt only.
+        """
         return build_query(
             self.template,
             question,
             num_patches_list=num_patches_list,
             num_image_token=self.num_image_token,
             history=history,
-            system_message=self.system_message,
+            system_message=self.system_message if system_message is None else system_message,
         )
 
     # ------------------------------------------------------------------ images
     def tile_images(
         self, images: Image.Image | Sequence[Any], max_num_tiles: int | None = None
     ) -> tuple[torch.Tensor, list[int]]:
-        """PIL images (or paths/bytes) -> ``(pixel_values (sum n_i, 3, S, S), num_patches_list)``."""
+        """PIL images (or paths/bytes) -> ``(pixel_values (sum n_i, 3, S, S), num_patches_list)``.
+
+        A checkpoint without dynamic tiling (``dynamic_image_size: false``) gets one ``S x S`` tile per image
+        and no thumbnail; ``max_num_tiles`` is ignored there (logged once), as the reference ignores it.
+        """
         if isinstance(images, (Image.Image, str, bytes, os.PathLike)):
             images = [images]
+        if not self.settings.dynamic_image_size:
+            if max_num_tiles is not None and not self._warned_tiles:
+                self._warned_tiles = True
+                logger.info(
+                    "this checkpoint does not tile (dynamic_image_size: false): max_num_tiles=%s is ignored, "
+                    "each image is one %dx%d tile",
+                    max_num_tiles, self.settings.image_size, self.settings.image_size,
+                )
+            return tile_images(
+                list(images), image_size=self.settings.image_size, max_num=1, dynamic=False,
+                transform=self.image_transform,
+            )  # fmt: skip
         max_num = self.settings.max_dynamic_patch if max_num_tiles is None else int(max_num_tiles)
         if not 1 <= max_num <= MAX_TILES_LIMIT:
             raise ValueError(f"max_num_tiles must be between 1 and {MAX_TILES_LIMIT}, got {max_num_tiles}")
-        if not self.settings.dynamic_image_size:
-            max_num = 1
         return tile_images(
             list(images),
             image_size=self.settings.image_size,
             max_num=max_num,
             min_num=min(self.settings.min_dynamic_patch, max_num),
             use_thumbnail=self.settings.use_thumbnail,
+            transform=self.image_transform,
         )
 
     def _check_pixels(self, pixel_values: torch.Tensor | None, num_patches_list: Sequence[int]) -> None:
@@ -221,6 +254,7 @@ class ChatModel:
         pixel_values: torch.Tensor | None,
         num_patches_list: Sequence[int] | None,
         max_num_tiles: int | None,
+        system_message: str | None = None,
     ) -> tuple[str, str, torch.Tensor | None]:
         if isinstance(images, Sequence) and not isinstance(images, (str, bytes)) and len(images) == 0:
             images = None  # an empty list means no images
@@ -237,7 +271,7 @@ class ChatModel:
         self._check_pixels(pixel_values, num_patches_list)
         if history is None and num_patches_list and "<image>" not in question:
             question = "<image>\n" + question  # what chat() records in the history
-        query = self.build_prompt(question, num_patches_list, history)
+        query = self.build_prompt(question, num_patches_list, history, system_message=system_message)
         return question, query, pixel_values
 
     def chat(
@@ -254,14 +288,15 @@ class ChatModel:
         temperature: float = 1.0,
         top_p: float = 1.0,
         return_history: bool = False,
+        system_message: str | None = None,
     ) -> str | tuple[str, History]:
         """Answer ``question`` about ``images`` (PIL, tiled here) or pre-tiled ``pixel_values``.
 
         Returns the answer, or ``(answer, history)`` with ``return_history=True`` (the caller's list is
-        not modified).
+        not modified). ``system_message`` replaces the checkpoint's (or the template's) for this call.
         """
         question, query, pixel_values = self._prepare(
-            question, images, history, pixel_values, num_patches_list, max_num_tiles
+            question, images, history, pixel_values, num_patches_list, max_num_tiles, system_message
         )
         config = self.generation_config(
             max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p
@@ -284,13 +319,14 @@ class ChatModel:
         do_sample: bool = False,
         temperature: float = 1.0,
         top_p: float = 1.0,
+        system_message: str | None = None,
     ) -> Iterator[str]:
         """Same arguments as :meth:`chat`; yields text pieces whose concatenation is chat()'s answer.
 
         Tokens are generated in the consuming thread as the iterator is read; closing it stops generation.
         """
         _, query, pixel_values = self._prepare(
-            question, images, history, pixel_values, num_patches_list, max_num_tiles
+            question, images, history, pixel_values, num_patches_list, max_num_tiles, system_message
         )
         config = self.generation_config(
             max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p
@@ -313,8 +349,12 @@ class ChatModel:
         do_sample: bool = False,
         temperature: float = 1.0,
         top_p: float = 1.0,
+        system_message: str | None = None,
     ) -> list[str]:
-        """One image (``num_patches_list[i]`` tiles) per question, answered in one left-padded batch."""
+        """One image (``num_patches_list[i]`` tiles) per question, answered in one left-padded batch.
+
+        ``system_message`` replaces the checkpoint's (or the template's) for this call.
+        """
         questions = list(questions)
         if not questions:
             return []
@@ -338,7 +378,7 @@ class ChatModel:
             questions,
             num_patches_list=None if pixel_values is None else num_patches_list,
             num_image_token=self.num_image_token,
-            system_message=self.system_message,
+            system_message=self.system_message if system_message is None else system_message,
         )
         config = self.generation_config(
             max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p

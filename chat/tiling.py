@@ -4,13 +4,14 @@ An image is resized to the ``cols x rows`` grid of ``image_size`` tiles whose as
 own (``find_closest_aspect_ratio``, tie-break included), cut into tiles row-major, and, when the grid has more
 than one tile, followed by a thumbnail of the whole image. Reproduces the reference ``dynamic_preprocess`` /
 ``load_image`` bit for bit (same candidate order, same float arithmetic, PIL's default resize filter).
+Checkpoints without dynamic tiling (``dynamic_image_size: false``) get one ``S x S`` tile of the whole image.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import BinaryIO
 
@@ -134,18 +135,24 @@ def load_image_tiles(
     max_num: int,
     min_num: int = 1,
     use_thumbnail: bool = True,
+    dynamic: bool = True,
+    transform: Callable[[Image.Image], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The model card's ``load_image``: ``(n_tiles, 3, S, S)`` float32, ImageNet-normalised.
 
     ``image`` is a PIL image (converted to RGB like the reference: alpha dropped, not composited) or a
     path / bytes / file, opened with :func:`retrieval.images.open_image` (EXIF orientation applied; raises
-    ``ImageDecodeError`` on bad input).
+    ``ImageDecodeError`` on bad input). ``dynamic=False`` (``dynamic_image_size: false``, InternVL-Chat-V1-2):
+    one tile, the whole image through ``transform`` (its resize to ``S x S``), no thumbnail, whatever
+    ``max_num`` is. ``transform`` defaults to the README's ``build_transform(image_size)``.
     """
     if isinstance(image, Image.Image):
         pil = to_rgb(image)
     else:
         pil = open_image(image)
-    transform = TileTransform(image_size)
+    transform = transform or TileTransform(image_size)
+    if not dynamic:
+        return transform(pil)[None]
     tiles = dynamic_tiles(pil, image_size=image_size, min_num=min_num, max_num=max_num,
                           use_thumbnail=use_thumbnail)
     return torch.stack([transform(tile) for tile in tiles])
@@ -158,16 +165,20 @@ def tile_images(
     max_num: int,
     min_num: int = 1,
     use_thumbnail: bool = True,
+    dynamic: bool = True,
+    transform: Callable[[Image.Image], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, list[int]]:
     """Tile several images: ``(pixel_values (sum n_i, 3, S, S), num_patches_list [n_i, ...])``.
 
     Tiles are concatenated in image order, the layout ``chat(pixel_values, num_patches_list=...)`` expects.
+    ``dynamic`` and ``transform`` as in :func:`load_image_tiles`.
     """
     if len(images) == 0:
         raise ValueError("tile_images needs at least one image")
+    transform = transform or TileTransform(image_size)
     tensors = [
         load_image_tiles(img, image_size=image_size, max_num=max_num, min_num=min_num,
-                         use_thumbnail=use_thumbnail)
+                         use_thumbnail=use_thumbnail, dynamic=dynamic, transform=transform)
         for img in images
     ]
     return torch.cat(tensors), [int(t.shape[0]) for t in tensors]

@@ -3,7 +3,9 @@
 Every index keeps FAISS ids equal to SQLite row ids: ``IDMap2`` wraps flat and HNSW indexes, IVF
 indexes take ids natively. GPUs (``faiss.get_num_gpus() > 0``, i.e. faiss-gpu) are used for
 k-means training and for search; without them everything runs on CPU with the same results
-within floating-point tolerance.
+within floating-point tolerance. With a GPU, IVF-PQ uses 8-bit codes with a GPU-supported code
+size and is copied with float16 lookup tables (float32 tables of ``PQ96x8`` need 96 KiB of shared
+memory per block, twice what GPUs offer); HNSW has no GPU version and stays on the CPU.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ import logging
 import math
 from pathlib import Path
 
-import faiss
 import numpy as np
 
+from index.faiss_loader import import_faiss
 from index.vectors import atomic_write
+
+faiss = import_faiss()
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +32,9 @@ DEFAULT_MEMORY_BUDGET = 8 << 30
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 128
 HNSW_EF_SEARCH = 128
+#: bytes per code (= sub-quantizers at 8 bits) that faiss-gpu's IVFPQ supports
+#: (``IVFPQ::isSupportedPQCodeLength``); it also requires 8-bit codes (``verifyPQSettings_``)
+GPU_PQ_M = frozenset({1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96})
 
 
 def gpu_count() -> int:
@@ -48,19 +55,30 @@ def nlist_for(n: int) -> int:
     return nlist if nlist >= 8 else 0
 
 
-def pq_m_for(dim: int, max_m: int = 96) -> int:
-    """PQ sub-quantizer count: ~4 dimensions per sub-quantizer (at most ``max_m``), dividing ``dim``."""
+def pq_m_for(dim: int, max_m: int = 96, gpu: bool = False) -> int:
+    """PQ sub-quantizer count: ~4 dimensions per sub-quantizer (at most ``max_m``), dividing ``dim``;
+    with ``gpu`` only counts faiss-gpu supports (``GPU_PQ_M``)."""
     for m in range(max(min(dim // 4, max_m), 1), 0, -1):
-        if dim % m == 0:
+        if dim % m == 0 and (not gpu or m in GPU_PQ_M):
             return m
     return 1
 
 
-def choose_factory(index_type: str, n: int, dim: int, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> str:
+def choose_factory(
+    index_type: str,
+    n: int,
+    dim: int,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    gpu: bool | None = None,
+) -> str:
     """FAISS factory string for ``index_type`` holding ``n`` vectors of width ``dim``.
 
     ``auto``: exact while ``n <= 100k`` and the float32 copy fits the budget, then IVF-flat while it
     fits, IVF-PQ beyond. Types that need training fall back to exact until there are enough vectors.
+    ``gpu`` (default: whether faiss sees a GPU): IVF-PQ takes 8-bit codes and a GPU-supported
+    sub-quantizer count, which faiss-gpu requires; without a GPU small IVF-PQ indexes (< 9,984
+    vectors) use 6 or 4 bits. Below that size an index written alternately on GPU and CPU machines
+    is therefore rebuilt on save (cheap at that size).
     """
     if index_type not in INDEX_TYPES:
         raise ValueError(f"unknown index type {index_type!r}; expected one of {', '.join(INDEX_TYPES)}")
@@ -78,8 +96,10 @@ def choose_factory(index_type: str, n: int, dim: int, memory_budget: int = DEFAU
         return FLAT
     if index_type == "ivf-flat":
         return f"IVF{nlist},Flat"
-    nbits = 8 if n >= 39 * 256 else 6 if n >= 39 * 64 else 4
-    return f"IVF{nlist},PQ{pq_m_for(dim)}x{nbits}np"  # np: no polysemous training (not used)
+    if gpu is None:
+        gpu = gpu_count() > 0
+    nbits = 8 if gpu or n >= 39 * 256 else 6 if n >= 39 * 64 else 4
+    return f"IVF{nlist},PQ{pq_m_for(dim, gpu=gpu)}x{nbits}np"  # np: no polysemous training (not used)
 
 
 def is_approximate(factory: str) -> bool:
@@ -101,15 +121,39 @@ def new_index(factory: str, dim: int, metric: str, sample: np.ndarray | None = N
         return index
     if sample is None or len(sample) == 0:
         raise ValueError(f"index {factory!r} needs training vectors")
-    if gpu_count() > 0:
-        try:  # GPU k-means for the coarse quantizer (faiss wiki recipe)
-            ivf = faiss.extract_index_ivf(index)
-            ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(int(dim)))
-        except Exception as exc:  # noqa: BLE001 - any GPU set-up failure (faiss-cpu raises NameError) -> CPU
-            logger.warning("GPU training unavailable, training on CPU: %r", exc)
-    logger.info("training %s on %d vectors", factory, len(sample))
-    index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    x = np.ascontiguousarray(sample, dtype=np.float32)
+    logger.info("training %s on %d vectors", factory, len(x))
+    if gpu_count() > 0 and _train_on_gpu(index, x):
+        return index
+    index.train(x)
     return index
+
+
+def _train_on_gpu(index: faiss.Index, x: np.ndarray) -> bool:
+    """Train ``index`` with its coarse k-means on the GPUs; ``False`` (logged) when that fails.
+
+    The clustering index uses the quantizer's metric (inner product for ``ip``, as the CPU path,
+    which clusters with the quantizer itself). ``IndexIVF`` does not own ``clustering_index`` and
+    SWIG's attribute setter disowns the Python object, so ownership is taken back here and the
+    pointer cleared after training: the GPU index and its resources are freed on return.
+    """
+    try:
+        ivf = faiss.extract_index_ivf(index)
+        clustering = faiss.index_cpu_to_all_gpus(faiss.IndexFlat(ivf.d, ivf.metric_type))
+    except (AttributeError, NameError, RuntimeError) as exc:  # faiss-cpu: no GPU symbols
+        logger.warning("GPU k-means unavailable, training on CPU: %r", exc)
+        return False
+    ivf.clustering_index = clustering
+    clustering.thisown = True  # the setter disowned it; IndexIVF never deletes clustering_index
+    try:
+        index.train(x)
+        return True
+    except RuntimeError as exc:  # e.g. GPU out of memory: train_q1 resets the quantizer on retry
+        logger.warning("GPU k-means failed, training on CPU: %r", exc)
+        return False
+    finally:
+        ivf.clustering_index = None
+        del clustering
 
 
 def set_search_params(
@@ -132,14 +176,47 @@ def supports_remove(index: faiss.Index) -> bool:
     return not isinstance(inner, faiss.IndexHNSW)
 
 
+def _inner(index: faiss.Index) -> faiss.Index:
+    return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+
+
+def gpu_cloner_options(index: faiss.Index) -> faiss.GpuMultipleClonerOptions:
+    """Options for copying ``index`` to the GPUs: float16 lookup tables for PQ, replicas, 64-bit ids.
+
+    The cloner's field is ``useFloat16``: ``ToGpuCloner`` passes it to
+    ``GpuIndexIVFPQConfig.useFloat16LookupTables`` (GpuCloner.cpp). It stays off for flat indexes,
+    where it would store (and compare) the vectors in float16.
+    """
+    co = faiss.GpuMultipleClonerOptions()
+    co.shard = False  # replicate: every GPU holds the whole index (ids stay 64-bit, the default)
+    co.useFloat16 = needs_float16_tables(index)
+    return co
+
+
+def needs_float16_tables(index: faiss.Index) -> bool:
+    """True for IVF-PQ indexes (lookup tables of 2^nbits x M floats must fit in shared memory)."""
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return False
+    return isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQ)
+
+
 def to_search_device(index: faiss.Index) -> faiss.Index:
-    """A GPU copy of ``index`` for search when faiss has GPUs, else ``index`` itself."""
+    """A GPU copy of ``index`` for search when faiss has GPUs, else ``index`` itself.
+
+    A failed copy is logged as a WARNING with faiss' reason and search stays on the CPU.
+    """
     if gpu_count() == 0:
         return index
+    if isinstance(_inner(index), faiss.IndexHNSW):
+        logger.debug("HNSW has no GPU version: searching on CPU")
+        return index
     try:
-        return faiss.index_cpu_to_all_gpus(index)
-    except Exception as exc:  # noqa: BLE001 - e.g. HNSW has no GPU version; faiss-cpu raises NameError
-        logger.info("searching on CPU (%r)", exc)
+        co = gpu_cloner_options(index)
+        return faiss.index_cpu_to_all_gpus(index, co=co)
+    except (AttributeError, NameError, RuntimeError) as exc:  # faiss-cpu: no GPU symbols
+        logger.warning("cannot copy FAISS %s to the GPU, searching on CPU: %s", type(index).__name__, exc)
         return index
 
 

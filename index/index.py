@@ -154,14 +154,29 @@ class Index(SaveMixin, QueryMixin):
         self._apply_search_params()
 
     def _forget(self, ids: Sequence[int]) -> None:
-        """Drop ids from the FAISS index (or mark them dead where the index cannot remove)."""
+        """Drop ids from the FAISS index (or mark them dead where the index cannot remove).
+
+        faiss-gpu indexes cannot remove ids, so a GPU search copy is dropped here and copied again
+        from the CPU index on the next search; dead ids (HNSW, never on a GPU) are filtered at search.
+        """
         if not len(ids):
             return
         if fx.supports_remove(self._faiss):
             self._faiss.remove_ids(np.asarray(ids, dtype=np.int64))
+            self._search_index = None
         else:
             self._dead.update(int(i) for i in ids)
-        self._search_index = None
+
+    def _add_to_search_copy(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        """Add to the GPU search copy as to the CPU index, so the next search needs no new copy."""
+        gpu = self._search_index
+        if gpu is None or gpu is self._faiss:
+            return
+        try:
+            gpu.add_with_ids(vectors, ids)
+        except RuntimeError as exc:  # e.g. GPU out of memory: copy the CPU index again when searching
+            logger.warning("cannot add %d vectors to the GPU copy (%s): it is copied again", len(ids), exc)
+            self._search_index = None
 
     @property
     def _view(self) -> int:
@@ -271,8 +286,9 @@ class Index(SaveMixin, QueryMixin):
             self._pending.append(half)
             self._pending_n += len(rows)
             self._pending_cat = None
-            self._faiss.add_with_ids(half.astype(np.float32), ids)
-            self._search_index = None
+            stored = half.astype(np.float32)
+            self._faiss.add_with_ids(stored, ids)
+            self._add_to_search_copy(stored, ids)
             self._count += len(rows)
             self._delta += len(rows)
             self._changed = True

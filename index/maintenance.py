@@ -6,10 +6,10 @@ import logging
 import re
 from collections.abc import Mapping
 
-import faiss
 import numpy as np
 
 from index import faiss_index as fx
+from index.faiss_index import faiss
 from index.store import MetaStore
 from index.vectors import VectorStore
 

@@ -12,43 +12,12 @@ import torch
 from PIL import Image
 
 from retrieval.base import Encoder
+from retrieval.devices import resolve_device, resolve_dtype  # noqa: F401  (re-exported)
 from retrieval.images import open_image
 
 logger = logging.getLogger(__name__)
 
 ImageInput = Image.Image | str | os.PathLike | bytes | BinaryIO
-
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-}  # fmt: skip
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``None`` -> CUDA when available, else CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} requested but CUDA is not available")
-    return device
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``None`` -> bf16 on CUDA (fp16 without bf16 support), float32 on CPU; names like "bf16" accepted."""
-    if dtype is None:
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if isinstance(dtype, str):
-        if dtype.lower() not in _DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
-        return _DTYPES[dtype.lower()]
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"unsupported dtype {dtype}; use float32, bfloat16 or float16")
-    return dtype
-
 
 def check_batch_size(batch_size: int) -> int:
     if not isinstance(batch_size, int) or batch_size < 1:

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from retrieval import load_encoder
+from retrieval.devices import DTYPE_HELP, dtype_arg
 
 WORDS = "a photo of the small red cat dog sitting on a wooden table near the window at night".split()
 
@@ -57,7 +58,13 @@ def main() -> None:
     p.add_argument("--model", required=True, help="model folder (InternVL-C/G or OpenCLIP) or 'demo'")
     p.add_argument("--mode", default=None, help="internvl-c (default) / internvl-g / openclip")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
-    p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default per device)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        type=dtype_arg,
+        metavar="DTYPE",
+        help=DTYPE_HELP,
+    )
     p.add_argument("--batch-sizes", default="1,8,32", help="comma-separated batch sizes")
     p.add_argument("--image-size", default="640x480", help="WxH of the synthetic PIL images")
     p.add_argument("--batches", type=int, default=1, help="batches per timing")

@@ -20,6 +20,7 @@ import sys
 
 from index import IndexFormatError, IndexLockedError, IndexMismatchError
 from index.faiss_index import INDEX_TYPES
+from retrieval.devices import DTYPE_HELP, dtype_arg
 from retrieval.images import DEFAULT_MAX_PIXELS
 
 logger = logging.getLogger("build_index")
@@ -42,7 +43,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="FAISS index type (default: keep an existing index's type, auto for a new one)",
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default=None, help="model precision (default: bf16 on cuda, float32 on cpu)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        type=dtype_arg,
+        metavar="DTYPE",
+        help=DTYPE_HELP,
+    )
     p.add_argument("--prune", action="store_true", help="remove rows of files that no longer exist")
     p.add_argument(
         "--max-pixels",

@@ -32,6 +32,7 @@ async def health(service: ServiceDep) -> HealthResponse:
             chat=_chat_name(service.chat_model, service.settings.chat_model),
         ),
         device=str(enc.device) if enc is not None else None,
+        dtype=str(enc.dtype).removeprefix("torch.") if getattr(enc, "dtype", None) is not None else None,
         index_size=len(index) if index is not None else 0,
         index_dir=str(holder.dir) if holder is not None else None,
         batching=service.settings.batching,

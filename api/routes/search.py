@@ -23,22 +23,33 @@ router = APIRouter(tags=["search"])
 
 _UPLOAD_MARK = "<multipart upload>"
 _JSON_SCHEMA = SearchRequest.model_json_schema()
+_MULTIPART_FIELDS = {
+    "image": {"type": "string", "format": "binary", "description": "image file"},
+    "text": {"type": "string", "minLength": 1, "maxLength": 10_000},
+    "image_id": {"type": "integer", "minimum": 0, "maximum": MAX_ID},
+}
+_MULTIPART_K = {"type": "integer", "minimum": 1, "maximum": 1000, "default": 10}
+# exactly one query field: one closed branch per field, so generators and validators agree
 _MULTIPART_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "image": {"type": "string", "format": "binary", "description": "image file"},
-        "text": {"type": "string", "minLength": 1, "maxLength": 10_000},
-        "image_id": {"type": "integer", "minimum": 0, "maximum": MAX_ID},
-        "k": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 10},
-    },
-    "additionalProperties": False,
+    "oneOf": [
+        {
+            "type": "object",
+            "properties": {name: field, "k": _MULTIPART_K},
+            "required": [name],
+            "additionalProperties": False,
+        }
+        for name, field in _MULTIPART_FIELDS.items()
+    ]
 }
 _OPENAPI_BODY = {
     "requestBody": {
         "required": True,
         "content": {
             "application/json": {"schema": _JSON_SCHEMA},
-            "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
+            "multipart/form-data": {
+                "schema": _MULTIPART_SCHEMA,
+                "encoding": {"image": {"contentType": "image/*"}},
+            },
         },
     }
 }
@@ -51,6 +62,32 @@ def _validate(data: dict[str, Any] | bytes) -> SearchRequest:
         return SearchRequest.model_validate(data)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False, include_input=False)) from exc
+
+
+def _form_integer(value: str) -> int | str:
+    """A numeric form field as int (JSON bodies carry numbers; form fields are text)."""
+    try:
+        return int(value.strip())
+    except ValueError:
+        return value  # refused by validation, with the field's name
+
+
+def _form_image(value: str) -> bytes:
+    """An ``image`` form part sent without a filename: base64 text, or the file's bytes themselves.
+
+    Starlette hands such a part over as text, decoded as UTF-8 or, failing that, as Latin-1; image files
+    are never valid UTF-8 (PNG, JPEG, GIF, WebP headers), so Latin-1 gives their bytes back exactly."""
+    try:
+        return decode_base64_image(value)
+    except HTTPException:
+        try:
+            raw = value.encode("latin-1")
+            raw.decode("utf-8")
+        except UnicodeEncodeError:
+            raise
+        except UnicodeDecodeError:
+            return raw  # binary content: the part was the file itself
+        raise
 
 
 async def _parse(request: Request) -> tuple[SearchRequest, bytes | None]:
@@ -68,11 +105,13 @@ async def _parse(request: Request) -> tuple[SearchRequest, bytes | None]:
                     raise HTTPException(422, f"unexpected file field '{key}' (only 'image' is a file)")
                 raw = await value.read()
                 fields[key] = _UPLOAD_MARK
+            elif key in ("k", "image_id"):
+                fields[key] = _form_integer(value)
             else:
                 fields[key] = value
         req = _validate(fields)
         if req.image is not None and raw is None:
-            raw = decode_base64_image(req.image)  # a base64 text field instead of a file
+            raw = _form_image(req.image)
         return req, raw
     if content_type and content_type != "application/json" and not content_type.endswith("+json"):
         raise HTTPException(

@@ -1,8 +1,7 @@
-"""Scaled dot-product attention: flash-attn when installed and applicable, PyTorch SDPA otherwise."""
+"""Scaled dot-product attention: flash-attn where usable (Ampere+, half precision, importable), else SDPA."""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from collections.abc import Callable
 from functools import lru_cache
@@ -10,20 +9,19 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from retrieval.devices import flash_attn_importable, flash_attn_usable
+
 logger = logging.getLogger(__name__)
 
 
 @lru_cache(maxsize=1)
 def _flash_attn_func() -> Callable[..., torch.Tensor] | None:
-    """``flash_attn.flash_attn_func`` if the package is installed, else None (checked once)."""
-    if importlib.util.find_spec("flash_attn") is None:
+    """``flash_attn.flash_attn_func`` if the package is installed and imports, else None (checked once)."""
+    if not flash_attn_importable():
         return None
-    try:
-        from flash_attn import flash_attn_func
-    except ImportError as exc:  # installed but broken (ABI mismatch): fall back to SDPA
-        logger.warning("flash-attn is installed but cannot be imported (%s); using PyTorch SDPA", exc)
-        return None
-    logger.info("using flash-attn kernels")
+    from flash_attn import flash_attn_func
+
+    logger.info("flash-attn kernels available")
     return flash_attn_func
 
 
@@ -36,13 +34,7 @@ def attend(
     Returns (B, H, Nq, D).
     """
     flash = _flash_attn_func()
-    if (
-        flash is not None
-        and mask is None
-        and q.is_cuda
-        and q.dtype in (torch.float16, torch.bfloat16)
-        and q.shape[-1] <= 256
-    ):
+    if flash is not None and mask is None and q.shape[-1] <= 256 and flash_attn_usable(q.device, q.dtype):
         # flash-attn wants (B, N, H, D)
         out = flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=False)
         return out.transpose(1, 2)

@@ -63,16 +63,20 @@ def test_two_apps_have_separate_metrics() -> None:
     assert a.state.service.metrics.registry is not b.state.service.metrics.registry
 
 
-def test_python_m_api_serves_the_fixture_model(fake_index_dir: Path) -> None:
-    """The real command line: binds 127.0.0.1, loads the fixture model, /health turns ready."""
+@pytest.mark.parametrize("dtype", [None, "bf16"])
+def test_python_m_api_serves_the_fixture_model(fake_index_dir: Path, dtype: str | None) -> None:
+    """The real command line: binds 127.0.0.1, loads the fixture model, /health turns ready; ``--dtype bf16``
+    is taken (the spelling ``load_encoder`` and ``build_index.py`` take) and runs on the CPU."""
     from index import Index
 
     model = ROOT / "tests" / "fixtures" / "internvl_cg_tiny"
-    index_dir = fake_index_dir.parent / "cli_index"
+    index_dir = fake_index_dir.parent / f"cli_index_{dtype}"
     Index.create(index_dir, 32, model="internvl_cg_tiny:internvl-c", mode="internvl-c").close()
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("IVL_")}
     cmd = [sys.executable, "-m", "api", "--index", str(index_dir), "--model", str(model), "--port", str(port)]
+    if dtype is not None:
+        cmd += ["--dtype", dtype]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -86,6 +90,7 @@ def test_python_m_api_serves_the_fixture_model(fake_index_dir: Path) -> None:
                 assert time.monotonic() < deadline, "server did not start"
                 time.sleep(0.2)
         assert health["ready"] and health["index_size"] == 0 and health["models"]["embed_dim"] == 32
+        assert health["dtype"] == ("bfloat16" if dtype else "float32") and health["device"] == "cpu"
         r = httpx.post(url + "/search", json={"text": "anything"})
         assert r.status_code == 200 and r.json()["results"] == []
     finally:

@@ -12,6 +12,7 @@ the ORIGINAL parameter names; nothing here imports ``chat``.
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from typing import Any
@@ -20,6 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """transformers renamed ``past_key_values`` to ``cache`` (deprecated for 5.40): use what forward takes."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def kv_cache(output: Any) -> Any:
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 # ------------------------------------------------------------------------------------------------ vision
 
@@ -221,7 +232,7 @@ class ReferenceLLM:
         """Greedy decoding with a KV cache as generate() does: ids up to and including the stop token."""
         base = self.model.model
         out = base(inputs_embeds=embeds[None], attention_mask=self._mask(0, embeds.shape[0]), use_cache=True)
-        hidden, cache, length = out.last_hidden_state[0], out.past_key_values, embeds.shape[0]
+        hidden, cache, length = out.last_hidden_state[0], kv_cache(out), embeds.shape[0]
         states = [hidden[-1]]
         ids, step_logits, margins = [], [], []
         for _ in range(max_new_tokens):
@@ -235,12 +246,12 @@ class ReferenceLLM:
                 break
             out = base(
                 inputs_embeds=self.embed(torch.tensor([[token]])),
-                past_key_values=cache,
                 attention_mask=self._mask(length, 1),
                 use_cache=True,
+                **{cache_kwarg(base): cache},
             )
             states.append(out.last_hidden_state[0, -1])
-            cache, length = out.past_key_values, length + 1
+            cache, length = kv_cache(out), length + 1
         return {
             "ids": ids,
             "prefill_logits": hidden @ self.head.T,

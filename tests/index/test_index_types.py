@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import types
+
 import faiss
 import numpy as np
 import pytest
@@ -109,17 +112,29 @@ def test_rebuild_changes_type_without_reencoding(tmp_path):
     assert Index.open(tmp_path / "ix").search(x[:20], 1)[0][:, 0].tolist() == list(range(20))
 
 
-def test_gpu_path_falls_back_to_cpu_with_same_results(tmp_path, monkeypatch):
+def test_gpu_path_falls_back_to_cpu_with_same_results(tmp_path, monkeypatch, caplog):
+    """A GPU that faiss reports but cannot use: training and search fall back to the CPU with a
+    warning. The GPU calls are faked to fail, so this holds with faiss-cpu and faiss-gpu alike."""
     x = clustered(3000)
     idx = Index.create(tmp_path / "ix", DIM, model="m", index_type="ivf-flat")
     idx.add(x, [{"path": f"/x/{i}.jpg"} for i in range(len(x))])
     idx.save(full=True)
     cpu_ids, cpu_scores, _ = Index.open(tmp_path / "ix").search(x[:50], 5)
-    monkeypatch.setattr(fx, "gpu_count", lambda: 1)  # pretend faiss has a GPU: faiss-cpu cannot use it
-    idx.rebuild()  # GPU training path -> CPU fallback
-    reader = Index.open(tmp_path / "ix")
-    ids, scores, _ = reader.search(x[:50], 5)  # GPU search path -> CPU fallback
+
+    def no_gpu(index, co=None, ngpu=-1):
+        raise RuntimeError("fake: CUDA error 100 no CUDA-capable device is detected")
+
+    monkeypatch.setattr(fx, "gpu_count", lambda: 1)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", no_gpu)
+    monkeypatch.setattr(faiss, "GpuMultipleClonerOptions", lambda: types.SimpleNamespace(), raising=False)
+    with caplog.at_level(logging.WARNING, logger="index.faiss_index"):
+        idx.rebuild()  # GPU training path -> CPU fallback
+        reader = Index.open(tmp_path / "ix")
+        ids, scores, _ = reader.search(x[:50], 5)  # GPU search path -> CPU fallback
     assert reader._search_index is reader._faiss
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("training on CPU" in m and "no CUDA-capable device" in m for m in warned)
+    assert any("searching on CPU" in m and "no CUDA-capable device" in m for m in warned)
     assert recall(ids, cpu_ids) >= 0.95 and np.allclose(scores[:, 0], cpu_scores[:, 0], atol=1e-5)
 
 
