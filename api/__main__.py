@@ -1,6 +1,7 @@
 """Command line: ``python -m api --index DIR --model PATH [--chat-model PATH] [--host H] [--port P]``.
 
-Also ``--api-key KEY``, ``--device DEV`` and the batching / limit knobs.
+Also ``--api-key KEY``, ``--device DEV``, ``--load-in 8bit|4bit``, ``--device-map auto`` and the batching /
+limit knobs.
 
 Every option falls back to its ``IVL_*`` environment variable (see :class:`api.settings.Settings`).
 """
@@ -35,6 +36,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=DTYPE_HELP,
     )
     p.add_argument(
+        "--load-in",
+        choices=("8bit", "4bit"),
+        help="chat model's language model in 8 or 4 bit; needs bitsandbytes and CUDA (IVL_LOAD_IN)",
+    )
+    p.add_argument(
+        "--device-map",
+        help="chat model placement: auto (split over GPUs), balanced, sequential, a device or a JSON map;"
+        " default one device, auto when it does not fit (IVL_DEVICE_MAP)",
+    )
+    p.add_argument(
         "--cors-origins", help="comma-separated allowed CORS origins; off by default (IVL_CORS_ORIGINS)"
     )
     p.add_argument(
@@ -56,6 +67,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-wait-ms", type=float, help="longest wait to fill a batch (IVL_MAX_WAIT_MS)")
     p.add_argument(
         "--reload-interval-s", type=float, help="manifest check period, 0 = off (IVL_RELOAD_INTERVAL_S)"
+    )
+    p.add_argument(
+        "--served-model-name", help="chat model id on /v1, default its folder's name (IVL_SERVED_MODEL_NAME)"
+    )
+    p.add_argument(
+        "--allowed-media-domains",
+        help="comma-separated hosts whose http(s) image URLs /v1 may fetch (IVL_ALLOWED_MEDIA_DOMAINS)",
     )
     p.add_argument("--log-level", help="debug, info, warning (IVL_LOG_LEVEL)")
     return p.parse_args(argv)

@@ -17,7 +17,7 @@ from api.errors import install_error_handlers
 from api.index_holder import IndexHolder
 from api.metrics import Metrics, MetricsMiddleware
 from api.middleware import BodyLimitMiddleware
-from api.routes import admin, chat, classify, health, images, search
+from api.routes import admin, chat, classify, health, images, openai_compat, search
 from api.service import Service
 from api.settings import Settings
 from retrieval.base import Encoder
@@ -60,7 +60,9 @@ async def _load(service: Service, encoder: Encoder | None, chat_model: Any, open
         from chat import load_chat_model
 
         chat_model = await run_in_threadpool(
-            lambda: load_chat_model(s.chat_model, device=s.device, dtype=s.dtype)
+            lambda: load_chat_model(
+                s.chat_model, device=s.device, dtype=s.dtype, quantization=s.load_in, device_map=s.device_map
+            )
         )
     service.chat_model = chat_model
     if s.index:
@@ -129,8 +131,9 @@ def create_app(
     )
     app.state.service = service
     install_error_handlers(app)
-    for module in (search, classify, chat, images, admin, health):
+    for module in (search, classify, chat, images, admin, health, openai_compat):
         app.include_router(module.router)
+    openai_compat.install(app)  # OpenAI error envelopes on /v1, limits in the OpenAPI document
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -104,7 +104,7 @@ class MicroBatcher:
                     break
                 try:
                     batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
             live = [(item, fut) for item, fut in batch if not fut.done()]  # drop cancelled callers
             if not live:

@@ -22,8 +22,12 @@ class BodyTooLarge(HTTPException):
         super().__init__(status_code=413, detail=_message(limit))
 
 
-async def _send_413(send: Send, limit: int) -> None:
-    body = json.dumps({"detail": _message(limit)}).encode()
+async def _send_413(send: Send, limit: int, path: str = "") -> None:
+    if path.startswith("/v1/"):  # OpenAI clients read OpenAI's error envelope
+        error = {"message": _message(limit), "type": "invalid_request_error", "param": None, "code": None}
+        body = json.dumps({"error": error}).encode()
+    else:
+        body = json.dumps({"detail": _message(limit)}).encode()
     await send(
         {
             "type": "http.response.start",
@@ -52,7 +56,7 @@ class BodyLimitMiddleware:
                 except ValueError:
                     declared = -1
                 if declared > self.limit:
-                    await _send_413(send, self.limit)
+                    await _send_413(send, self.limit, scope.get("path", ""))
                     return
         received = 0
         started = False
@@ -78,4 +82,4 @@ class BodyLimitMiddleware:
             if started:  # cannot change the status any more; the connection is closed by the server
                 logger.warning("body limit hit after the response started")
                 return
-            await _send_413(send, self.limit)
+            await _send_413(send, self.limit, scope.get("path", ""))

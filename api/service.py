@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.batching import MicroBatcher
 from api.index_holder import IndexHolder
+from api.limits import Gate
 from api.metrics import Metrics
 from api.settings import Settings
 from retrieval.base import Encoder
@@ -58,6 +59,12 @@ class Service:
     image_batcher: MicroBatcher | None = None
     ready: bool = False
     background: list[asyncio.Task] = field(default_factory=list)
+    encode_gate: Gate = field(init=False)
+    chat_gate: Gate = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.encode_gate = Gate("encode", self.settings.max_queued_encodes)
+        self.chat_gate = Gate("chat", self.settings.max_queued_chats)
 
     def setup_batchers(self) -> None:
         """Create the executors and the text / image micro-batchers around ``self.encoder``."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -26,6 +26,14 @@ class Settings(BaseSettings):
         None,
         description="model dtype: float32/fp32, float16/fp16/half, bfloat16/bf16 or auto (default: auto, "
         "bf16 on GPUs with native bf16, fp16 on older GPUs, float32 on CPU)",
+    )
+    load_in: Literal["8bit", "4bit"] | None = Field(
+        None, description="load the chat model's language model in 8 or 4 bit (bitsandbytes, CUDA only)"
+    )
+    device_map: str | dict[str, str | int] | None = Field(
+        None,
+        description="chat model placement: auto, balanced, sequential, a device, or a JSON module->device "
+        "map (default: one device, 'auto' when the model does not fit on it and more GPUs follow)",
     )
 
     # network and security
@@ -54,6 +62,26 @@ class Settings(BaseSettings):
     # index hot reload
     reload_interval_s: float = Field(1.0, ge=0.0, description="manifest.json check period; 0 = off")
 
+    # OpenAI-compatible API (/v1) and overload protection
+    served_model_name: str | None = Field(
+        None, description="chat model id on /v1 (default: the chat model folder's name; 'demo' for demo)"
+    )
+    served_encoder_name: str | None = Field(
+        None, description="encoder model id on /v1 (default: the encoder folder's name)"
+    )
+    allowed_media_domains: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="hosts whose http(s) image URLs /v1 may fetch; empty = none"
+    )
+    media_fetch_timeout_s: float = Field(10.0, gt=0.0, le=300.0, description="image URL fetch timeout")
+    max_queued_encodes: int = Field(256, ge=1, description="encode requests in flight (429 above)")
+    max_queued_chats: int = Field(32, ge=1, description="chat requests in flight or waiting (429 above)")
+    max_images_per_request: int = Field(16, ge=1, le=1024, description="images in one chat request")
+    max_tiles_per_request: int = Field(256, ge=1, description="image tiles in one chat request")
+    max_dynamic_patch_limit: int = Field(
+        12, ge=1, le=40, description="ceiling of image_url.max_dynamic_patch"
+    )
+    max_tokens_limit: int = Field(4096, ge=1, description="ceiling of max_tokens per chat request")
+
     log_level: str = "info"
 
     @field_validator("dtype")
@@ -64,7 +92,15 @@ class Settings(BaseSettings):
             parse_dtype(value)
         return value
 
-    @field_validator("cors_origins", "image_roots", mode="before")
+    @field_validator("device_map", mode="before")
+    @classmethod
+    def _parse_device_map(cls, value: object) -> object:
+        """A JSON object string (``IVL_DEVICE_MAP='{"": "cuda:1"}'``) becomes a dict; other strings stay."""
+        if isinstance(value, str) and value.strip().startswith("{"):
+            return json.loads(value)
+        return value
+
+    @field_validator("cors_origins", "image_roots", "allowed_media_domains", mode="before")
     @classmethod
     def _split_csv(cls, value: object) -> object:
         """Accept ``a,b`` as well as a JSON list (environment variables)."""

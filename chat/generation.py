@@ -57,9 +57,8 @@ def logits_processors(config: GenerationConfig, prompt_length: int) -> LogitsPro
     return out
 
 
-@torch.inference_mode()
 def cache_kwarg(model: torch.nn.Module) -> str:
-    """The forward argument that takes the KV cache: ``cache`` (transformers >= 5.2x), else ``past_key_values``."""
+    """The forward argument taking the KV cache: ``cache`` (newer transformers), else ``past_key_values``."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
@@ -69,6 +68,7 @@ def kv_cache(output: Any) -> Any:
     return cache if cache is not None else output.past_key_values
 
 
+@torch.inference_mode()
 def iter_new_tokens(
     model: PreTrainedModel,
     input_ids: torch.Tensor,
@@ -103,7 +103,9 @@ def iter_new_tokens(
             return
         ids = torch.cat([ids, token[:, None]], dim=-1)
         mask = torch.cat([mask, mask.new_ones((1, 1))], dim=-1)
-        out = model(input_ids=token[:, None], attention_mask=mask, use_cache=True, **{cache_arg: kv_cache(out)})
+        out = model(
+            input_ids=token[:, None], attention_mask=mask, use_cache=True, **{cache_arg: kv_cache(out)}
+        )
 
 
 class AnswerDecoder:

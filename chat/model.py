@@ -331,9 +331,48 @@ class ChatModel:
         config = self.generation_config(
             max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p
         )
+        yield from self.stream_prompt(query, pixel_values, config)
+
+    def prepare(
+        self,
+        question: str,
+        images: Any = None,
+        history: Sequence | None = None,
+        *,
+        pixel_values: torch.Tensor | None = None,
+        num_patches_list: Sequence[int] | None = None,
+        max_num_tiles: int | None = None,
+        system_message: str | None = None,
+    ) -> tuple[str, torch.Tensor | None]:
+        """The exact prompt :meth:`chat` tokenizes for these arguments, and its tiles."""
+        _, query, pixel_values = self._prepare(
+            question, images, history, pixel_values, num_patches_list, max_num_tiles, system_message
+        )
+        return query, pixel_values
+
+    def prompt_length(self, query: str) -> int:
+        """Tokens in a built prompt, image tokens included (what the LLM reads)."""
+        return int(self.encode([query])["input_ids"].shape[1])
+
+    def stream_prompt(
+        self,
+        query: str,
+        pixel_values: torch.Tensor | None,
+        config: GenerationConfig,
+        generated: list[int] | None = None,
+    ) -> Iterator[str]:
+        """Text pieces of the answer to a built prompt (:meth:`prepare`); each new token id is appended to
+        ``generated`` when given. Closing the iterator stops generation."""
         tokens = self.iter_ids(query, pixel_values, config)
+
+        def seen() -> Iterator[int]:
+            for token in tokens:
+                if generated is not None:
+                    generated.append(int(token))
+                yield token
+
         try:
-            yield from incremental_text(tokens, self._decode, self.template, self.stop_token_id)
+            yield from incremental_text(seen(), self._decode, self.template, self.stop_token_id)
         finally:
             tokens.close()
 

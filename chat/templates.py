@@ -23,7 +23,7 @@ from enum import Enum
 from types import MappingProxyType
 
 
-class SeparatorStyle(str, Enum):
+class SeparatorStyle(str, Enum):  # noqa: UP042  (str() of members stays the reference's)
     """How messages and separators are joined (the subset of the reference styles InternVL uses)."""
 
     MPT = "mpt"  # system + sep, then role + message + sep (role alone when the message is empty)

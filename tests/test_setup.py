@@ -4,6 +4,7 @@ satisfies ``pyproject.toml``, fast-moving majors are capped, and FutureWarnings 
 from __future__ import annotations
 
 import re
+import tomllib
 import warnings
 from pathlib import Path
 
@@ -11,11 +12,6 @@ import pytest
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-
-try:
-    import tomllib
-except ImportError:  # Python 3.10: pytest depends on tomli there
-    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = "requirements.lock"

@@ -94,7 +94,10 @@ async def _parse(request: Request) -> tuple[SearchRequest, bytes | None]:
     """The request and the raw image bytes (None for text / image_id queries)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        form = await request.form(max_files=1, max_fields=8)
+        try:
+            form = await request.form(max_files=1, max_fields=8)
+        except ValueError as exc:  # python-multipart's parse errors (older Starlette lets them through)
+            raise HTTPException(400, f"malformed multipart body: {exc}") from exc
         fields: dict[str, Any] = {}
         raw: bytes | None = None
         for key, value in form.multi_items():

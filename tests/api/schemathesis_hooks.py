@@ -31,3 +31,7 @@ image_files = st.tuples(
 
 schemathesis.openapi.format("byte", image_files.map(lambda data: base64.b64encode(data).decode()))
 schemathesis.openapi.format("binary", image_files)  # multipart file parts
+# image_url.url / embeddings image inputs of the /v1 routes: data: URLs of real images
+schemathesis.openapi.format(
+    "image-data-url", image_files.map(lambda data: "data:image/png;base64," + base64.b64encode(data).decode())
+)

@@ -32,6 +32,10 @@ CHAT_OFF_CONFIG = """
 [[operations]]
 include-path = "/chat"
 checks.not_a_server_error.expected-statuses = ["2xx", "3xx", "4xx", "503"]
+
+[[operations]]
+include-path = "/v1/chat/completions"
+checks.not_a_server_error.expected-statuses = ["2xx", "3xx", "4xx", "503"]
 """
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import types
+from collections.abc import Iterator
 
 import faiss
 import numpy as np
@@ -13,7 +14,16 @@ from index import Index
 from index import faiss_index as fx
 
 DIM = 32
-faiss.omp_set_num_threads(1)  # the test machine is small and shared: OpenMP spinning only slows it down
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_faiss_thread() -> Iterator[None]:
+    """One OpenMP thread (the machine is small and shared), restored after: OpenMP's setting is the calling
+    thread's, and leaking it changes float reduction order in later tests' encoders."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
 
 
 def clustered(n: int, seed: int = 0, clusters: int = 50) -> np.ndarray:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 import types
+from collections.abc import Iterator
 
 import faiss
 import numpy as np
@@ -22,7 +23,16 @@ DIM = 32
 SMEM_PER_BLOCK = 49_152  # bytes of shared memory per block on every CUDA GPU faiss targets
 #: code sizes faiss-gpu's IVFPQ supports (``IVFPQ::isSupportedPQCodeLength``)
 GPU_CODE_BYTES = {1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96}
-faiss.omp_set_num_threads(1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_faiss_thread() -> Iterator[None]:
+    """One OpenMP thread (the machine is small and shared), restored after: OpenMP's setting is the calling
+    thread's, and leaking it changes float reduction order in later tests' encoders."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
 
 
 class FakeClonerOptions:
