@@ -65,6 +65,8 @@ async def _load(service: Service, encoder: Encoder | None, chat_model: Any, open
             )
         )
     service.chat_model = chat_model
+    if chat_model is not None:
+        service.setup_chat_executor()
     if s.index:
         holder = IndexHolder(s.index, opener)
 

@@ -81,6 +81,21 @@ class MicroBatcher:
         await self._queue.put((item, fut))
         return await fut
 
+    async def submit_many(self, items: Sequence[Any]) -> np.ndarray:
+        """Encode several items ``(N, D)``, in chunks of at most ``max_batch_size``: each chunk's items join
+        the queue together (other requests' items interleave between chunks); unbatched, one call each."""
+        loop = asyncio.get_running_loop()
+        rows: list[np.ndarray] = []
+        for start in range(0, len(items), self.max_batch_size):
+            chunk = list(items[start : start + self.max_batch_size])
+            if not self.enabled or self._queue is None:
+                rows.extend(await loop.run_in_executor(self.executor, self._run, chunk))
+            else:
+                rows.extend(await asyncio.gather(*(self.submit(item) for item in chunk)))
+        if not rows:
+            raise ValueError(f"{self.name}: nothing to encode")
+        return np.stack(rows)
+
     def _run(self, items: Sequence[Any]) -> np.ndarray:
         out = self.fn(items)
         if self.on_batch is not None:

@@ -66,11 +66,16 @@ class Service:
         self.encode_gate = Gate("encode", self.settings.max_queued_encodes)
         self.chat_gate = Gate("chat", self.settings.max_queued_chats)
 
+    def setup_chat_executor(self) -> None:
+        """The one chat thread: chat requests queue for it, in order (with or without an encoder)."""
+        if self.chat_executor is None:
+            self.chat_executor = ThreadPoolExecutor(1, thread_name_prefix="ivl-chat")
+
     def setup_batchers(self) -> None:
         """Create the executors and the text / image micro-batchers around ``self.encoder``."""
         s = self.settings
         self.encoder_executor = ThreadPoolExecutor(s.encoder_threads, thread_name_prefix="ivl-encoder")
-        self.chat_executor = ThreadPoolExecutor(1, thread_name_prefix="ivl-chat")
+        self.setup_chat_executor()
         encoder = self.encoder
         assert encoder is not None
 
@@ -111,6 +116,12 @@ class Service:
         self.require_encoder()
         assert self.text_batcher is not None
         return await self.text_batcher.submit(text)
+
+    async def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Many texts -> ``(N, D)`` through the text micro-batcher, in chunks of ``max_batch_size``."""
+        self.require_encoder()
+        assert self.text_batcher is not None
+        return await self.text_batcher.submit_many(list(texts))
 
     async def embed_image_bytes(self, raw: bytes) -> np.ndarray:
         """Image file bytes -> ``(D,)``: decode and preprocess in a worker thread, encode batched."""

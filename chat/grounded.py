@@ -23,6 +23,8 @@ from retrieval.images import ImageDecodeError, open_image
 logger = logging.getLogger(__name__)
 
 _PLACEHOLDER = re.compile(r"(Image-\d+: )?<image>\n?")
+#: images and their ``{"id", "path", "score"}`` sources, retrieved already
+Retrieved = tuple[Sequence[Image.Image], Sequence[dict[str, Any]]]
 
 
 @dataclass
@@ -87,9 +89,14 @@ def prepare(
     k: int = 3,
     history: Sequence[Sequence[str]] | None = None,
     max_num_tiles: int | None = None,
+    retrieved: Retrieved | None = None,
 ) -> GroundedRequest:
-    """Retrieve, open and tile the images and build the ``Image-1..k`` question."""
-    images, sources = retrieve_images(question, index=index, encoder=encoder, k=k)
+    """Retrieve (unless ``retrieved`` already holds the images and sources), tile the images and build the
+    ``Image-1..k`` question."""
+    if retrieved is None:
+        images, sources = retrieve_images(question, index=index, encoder=encoder, k=k)
+    else:
+        images, sources = list(retrieved[0]), list(retrieved[1])
     pixel_values, patches = None, []
     if images:
         pixel_values, patches = chat_model.tile_images(images, max_num_tiles)
@@ -117,10 +124,12 @@ def _generate(
     temperature: float,
     max_num_tiles: int | None,
     system_message: str | None = None,
+    retrieved: Retrieved | None = None,
 ) -> tuple[list[dict[str, Any]], Any]:
     """Retrieve, then call ``chat_model.<method>`` ("chat" or "stream") on the retrieved images.
 
     The prompt carries the chat model's system message (the checkpoint's), or ``system_message``.
+    ``retrieved``: images and sources retrieved already (e.g. by the server, off this thread).
     """
     gen = _generation_kwargs(max_new_tokens, temperature)
     if system_message is not None:
@@ -133,6 +142,7 @@ def _generate(
         k=k,
         history=history,
         max_num_tiles=max_num_tiles,
+        retrieved=retrieved,
     )
     out = getattr(chat_model, method)(
         req.question,
@@ -156,16 +166,18 @@ def answer(
     temperature: float = 0.0,
     max_num_tiles: int | None = None,
     system_message: str | None = None,
+    retrieved: Retrieved | None = None,
 ) -> dict[str, Any]:
     """Answer ``question`` grounded on the top-k retrieved images: ``{"answer", "sources"}``.
 
     ``temperature`` 0 is greedy decoding; above 0 samples with that temperature. ``system_message``
-    replaces the checkpoint's system message for this answer.
+    replaces the checkpoint's system message for this answer. ``retrieved``: ``(images, sources)`` already
+    retrieved for ``question`` (then ``index`` and ``encoder`` are not used).
     """
     sources, text = _generate(
         "chat", question, index=index, encoder=encoder, chat_model=chat_model, k=k, history=history,
         max_new_tokens=max_new_tokens, temperature=temperature, max_num_tiles=max_num_tiles,
-        system_message=system_message,
+        system_message=system_message, retrieved=retrieved,
     )  # fmt: skip
     return {"answer": text, "sources": sources}
 
@@ -182,6 +194,7 @@ def stream_answer(
     temperature: float = 0.0,
     max_num_tiles: int | None = None,
     system_message: str | None = None,
+    retrieved: Retrieved | None = None,
 ) -> tuple[list[dict[str, Any]], Iterator[str]]:
     """Like :func:`answer`, for server-sent events: ``(sources, iterator of text pieces)``.
 
@@ -190,5 +203,5 @@ def stream_answer(
     return _generate(
         "stream", question, index=index, encoder=encoder, chat_model=chat_model, k=k, history=history,
         max_new_tokens=max_new_tokens, temperature=temperature, max_num_tiles=max_num_tiles,
-        system_message=system_message,
+        system_message=system_message, retrieved=retrieved,
     )  # fmt: skip

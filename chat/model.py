@@ -25,6 +25,7 @@ from chat.prompt import build_batch_queries, build_query, stop_token_id, tokeniz
 from chat.templates import get_template
 from chat.tiling import tile_images
 from chat.transforms import ImageProcessorTransform, TileTransform
+from chat.video import load_video, video_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +147,31 @@ class ChatModel:
             transform=self.image_transform,
         )
 
+    def load_video(
+        self,
+        video: Any,
+        *,
+        num_segments: int = 8,
+        max_num_tiles: int | None = None,
+        bound: Sequence[float] | None = None,
+    ) -> tuple[torch.Tensor, list[int]]:
+        """A video (path, bytes or binary file) -> ``(pixel_values, num_patches_list)``, one entry per frame.
+
+        The model cards' ``load_video`` at this checkpoint's tile size and with its tile transform:
+        ``num_segments`` frames, each tiled with up to ``max_num_tiles`` tiles (default 1, the model cards'
+        ``max_num``; a thumbnail is added when a frame has more than one tile). ``bound`` is ``(start, end)``
+        in seconds. A checkpoint without dynamic tiling gets one tile per frame.
+        """
+        max_num = 1 if max_num_tiles is None else int(max_num_tiles)
+        if not 1 <= max_num <= MAX_TILES_LIMIT:
+            raise ValueError(f"max_num_tiles must be between 1 and {MAX_TILES_LIMIT}, got {max_num_tiles}")
+        if not self.settings.dynamic_image_size:
+            max_num = 1
+        return load_video(
+            video, bound=bound, input_size=self.settings.image_size, max_num=max_num,
+            num_segments=num_segments, transform=self.image_transform,
+        )  # fmt: skip
+
     def _check_pixels(self, pixel_values: torch.Tensor | None, num_patches_list: Sequence[int]) -> None:
         if pixel_values is None:
             if num_patches_list and sum(num_patches_list) > 0:
@@ -255,9 +281,21 @@ class ChatModel:
         num_patches_list: Sequence[int] | None,
         max_num_tiles: int | None,
         system_message: str | None = None,
+        *,
+        video: Any = None,
+        num_segments: int = 8,
+        bound: Sequence[float] | None = None,
     ) -> tuple[str, str, torch.Tensor | None]:
         if isinstance(images, Sequence) and not isinstance(images, (str, bytes)) and len(images) == 0:
             images = None  # an empty list means no images
+        if video is not None:
+            if images is not None or pixel_values is not None:
+                raise ValueError("pass either video, images or pixel_values, not several")
+            pixel_values, num_patches_list = self.load_video(
+                video, num_segments=num_segments, max_num_tiles=max_num_tiles, bound=bound
+            )
+            if history is None and "<image>" not in question:  # first turn: the model cards' prefix
+                question = video_prefix(len(num_patches_list)) + question
         if images is not None:
             if pixel_values is not None:
                 raise ValueError("pass either images or pixel_values, not both")
@@ -289,15 +327,23 @@ class ChatModel:
         top_p: float = 1.0,
         return_history: bool = False,
         system_message: str | None = None,
+        video: Any = None,
+        num_segments: int = 8,
+        bound: Sequence[float] | None = None,
     ) -> str | tuple[str, History]:
-        """Answer ``question`` about ``images`` (PIL, tiled here) or pre-tiled ``pixel_values``.
+        """Answer ``question`` about ``images`` (PIL, tiled here), a ``video`` or pre-tiled ``pixel_values``.
 
         Returns the answer, or ``(answer, history)`` with ``return_history=True`` (the caller's list is
         not modified). ``system_message`` replaces the checkpoint's (or the template's) for this call.
+        ``video`` (path, bytes or binary file) is sampled as :meth:`load_video` does (``num_segments``
+        frames, ``max_num_tiles`` tiles each, default 1, ``bound`` in seconds); on the first turn the
+        question gets the model cards' ``Frame1: <image>\\n...`` prefix. Pass the same video (or its
+        ``pixel_values`` + ``num_patches_list``) with ``history`` for follow-up turns.
         """
         question, query, pixel_values = self._prepare(
-            question, images, history, pixel_values, num_patches_list, max_num_tiles, system_message
-        )
+            question, images, history, pixel_values, num_patches_list, max_num_tiles, system_message,
+            video=video, num_segments=num_segments, bound=bound,
+        )  # fmt: skip
         config = self.generation_config(
             max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p
         )
@@ -320,14 +366,18 @@ class ChatModel:
         temperature: float = 1.0,
         top_p: float = 1.0,
         system_message: str | None = None,
+        video: Any = None,
+        num_segments: int = 8,
+        bound: Sequence[float] | None = None,
     ) -> Iterator[str]:
         """Same arguments as :meth:`chat`; yields text pieces whose concatenation is chat()'s answer.
 
         Tokens are generated in the consuming thread as the iterator is read; closing it stops generation.
         """
         _, query, pixel_values = self._prepare(
-            question, images, history, pixel_values, num_patches_list, max_num_tiles, system_message
-        )
+            question, images, history, pixel_values, num_patches_list, max_num_tiles, system_message,
+            video=video, num_segments=num_segments, bound=bound,
+        )  # fmt: skip
         config = self.generation_config(
             max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p
         )
@@ -343,11 +393,15 @@ class ChatModel:
         num_patches_list: Sequence[int] | None = None,
         max_num_tiles: int | None = None,
         system_message: str | None = None,
+        video: Any = None,
+        num_segments: int = 8,
+        bound: Sequence[float] | None = None,
     ) -> tuple[str, torch.Tensor | None]:
         """The exact prompt :meth:`chat` tokenizes for these arguments, and its tiles."""
         _, query, pixel_values = self._prepare(
-            question, images, history, pixel_values, num_patches_list, max_num_tiles, system_message
-        )
+            question, images, history, pixel_values, num_patches_list, max_num_tiles, system_message,
+            video=video, num_segments=num_segments, bound=bound,
+        )  # fmt: skip
         return query, pixel_values
 
     def prompt_length(self, query: str) -> int:

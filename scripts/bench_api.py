@@ -4,11 +4,18 @@
     python scripts/bench_api.py --index DIR --model PATH [--clients 32] [--duration 10] [--kind text]
     python scripts/bench_api.py --model PATH            # builds a small temporary index first
     python scripts/bench_api.py --url http://127.0.0.1:8000 [--compare-url URL_WITHOUT_BATCHING]
+    python scripts/bench_api.py --openai --model PATH --chat-model PATH [--url URL]
 
 Without ``--url`` the script starts the server itself twice (``python -m api`` with ``--batching`` and
 with ``--no-batching``) on free ports, measures both the same way and prints QPS, p50/p99 latency and
 errors per mode and the batching / no-batching throughput ratio. ``--kind`` picks the request mix:
 ``text`` queries, ``image`` queries (small base64 PNGs) or ``mixed``.
+
+``--openai`` measures the OpenAI dialect against our own endpoints on one server, in one run, with the
+official ``openai`` client: streamed ``/v1/chat/completions`` with one image vs streamed ``/chat`` with
+the same image, question and greedy token budget (requests/s, time to first token, p50/p99 latency), and
+``/v1/embeddings`` of one text vs ``/search`` of that text; it prints the dialect / own p50 ratios (the
+issue's bar: under 5 % extra at p50).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -49,9 +57,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=32, help="server micro-batch size")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="server micro-batch wait")
     p.add_argument("--device", help="server device (cpu, cuda)")
+    p.add_argument("--openai", action="store_true", help="OpenAI client vs /chat and /search (see above)")
+    p.add_argument("--chat-model", help="with --openai: the chat checkpoint of the server this script starts")
+    p.add_argument("--chat-clients", type=int, default=2, help="with --openai: concurrent chat clients")
+    p.add_argument("--max-tokens", type=int, default=16, help="with --openai: tokens per chat answer")
     args = p.parse_args(argv)
     if not args.url and not args.model:
         p.error("give --url URL, or --model PATH (and optionally --index DIR) to start the servers")
+    if args.openai and not args.url and not args.chat_model:
+        p.error("--openai starts a server with --model PATH and --chat-model PATH (or give --url URL)")
     return args
 
 
@@ -103,13 +117,13 @@ def build_temp_index(model: str, folder: Path, n_images: int = 64) -> Path:
 
 
 @contextmanager
-def start_server(args: argparse.Namespace, index: str, batching: bool):  # noqa: ANN201
+def start_server(args: argparse.Namespace, index: str, batching: bool, extra: Sequence[str] = ()):  # noqa: ANN201
     """``python -m api`` in a subprocess on a free port; yields its URL once /health says ready."""
     port = _free_port()
     cmd = [sys.executable, "-m", "api", "--index", index, "--model", args.model, "--port", str(port),
            "--batching" if batching else "--no-batching", "--max-batch-size", str(args.max_batch_size),
            "--max-wait-ms", str(args.max_wait_ms), "--log-level", "warning",
-           "--reload-interval-s", "0"]  # fmt: skip
+           "--reload-interval-s", "0", *extra]  # fmt: skip
     if args.device:
         cmd += ["--device", args.device]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
@@ -197,8 +211,187 @@ def print_table(rows: list[tuple[str, dict]], args: argparse.Namespace) -> None:
         print(f"batching on / off: QPS x{on['qps'] / off['qps']:.2f}, p50 latency x{p50_ratio:.2f} lower")
 
 
+# ---------------------------------------------------------------------------------------------- --openai
+#: one timed request: returns (time to first token or None, seconds in all)
+Call = Callable[[int], Awaitable[tuple[float | None, float]]]
+
+
+def _stats(ttft: list[float], latencies: list[float], errors: int, elapsed: float) -> dict:
+    lat, first = np.asarray(latencies) * 1000.0, np.asarray(ttft) * 1000.0
+    pct = lambda a, q: float(np.percentile(a, q)) if len(a) else float("nan")  # noqa: E731
+    return {
+        "requests": len(latencies), "errors": errors, "qps": len(latencies) / elapsed,
+        "ttft_p50_ms": pct(first, 50), "ttft_p99_ms": pct(first, 99),
+        "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99),
+    }  # fmt: skip
+
+
+async def _drive(call: Call, clients: int, duration: float, warmup: float) -> dict:
+    """``clients`` loops of ``call`` for ``duration`` seconds after ``warmup``."""
+    ttft: list[float] = []
+    latencies: list[float] = []
+    errors: list[str] = []
+
+    async def loop(offset: int, until: float, record: bool) -> None:
+        i = offset
+        while time.perf_counter() < until:
+            i += 1
+            try:
+                first, total = await call(i)
+            except Exception as exc:  # noqa: BLE001  (counted and reported; the benchmark goes on)
+                errors.append(type(exc).__name__)
+                continue
+            if record:
+                latencies.append(total)
+                if first is not None:
+                    ttft.append(first)
+
+    if warmup > 0:
+        until = time.perf_counter() + warmup
+        await asyncio.gather(*(loop(c * 7, until, False) for c in range(clients)))
+    start = time.perf_counter()
+    await asyncio.gather(*(loop(c * 7, start + duration, True) for c in range(clients)))
+    return _stats(ttft, latencies, len(errors), time.perf_counter() - start)
+
+
+async def measure_openai(url: str, args: argparse.Namespace) -> list[tuple[str, dict]]:
+    """OpenAI client vs our endpoints on one server: streamed chat with one image, then embeddings."""
+    import openai
+
+    key = args.api_key or "none"
+    headers = {"X-API-Key": args.api_key} if args.api_key else {}
+    limits = httpx.Limits(max_connections=max(args.clients, args.chat_clients) + 4)
+    oa = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=300)
+    own = httpx.AsyncClient(base_url=url, timeout=300, limits=limits, headers=headers)
+    models = [m.id for m in (await oa.models.list()).data]
+    chat_id, encoder_id = models[0], models[-1]
+    images = [_png(1000 + i) for i in range(8)]
+    question = "Describe the image."
+
+    async def v1_chat(i: int) -> tuple[float | None, float]:
+        start, first = time.perf_counter(), None
+        content = [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + images[i % len(images)]}},
+            {"type": "text", "text": question},
+        ]
+        stream = await oa.chat.completions.create(
+            model=chat_id, messages=[{"role": "user", "content": content}], stream=True,
+            max_tokens=args.max_tokens, temperature=0,
+        )  # fmt: skip
+        async for chunk in stream:
+            if first is None and chunk.choices and chunk.choices[0].delta.content:
+                first = time.perf_counter() - start
+        return first, time.perf_counter() - start
+
+    async def v1_chat_raw(i: int) -> tuple[float | None, float]:
+        """The same request without the openai client (httpx, as for our endpoints): the server's share."""
+        start, first = time.perf_counter(), None
+        content = [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + images[i % len(images)]}},
+            {"type": "text", "text": question},
+        ]
+        body = {"model": chat_id, "messages": [{"role": "user", "content": content}], "stream": True,
+                "max_tokens": args.max_tokens, "temperature": 0}  # fmt: skip
+        async with own.stream(
+            "POST", "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+        ) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if (
+                    first is None
+                    and line.startswith("data: {")
+                    and '"content": "' in line
+                    and '"content": ""' not in line
+                ):
+                    first = time.perf_counter() - start
+        return first, time.perf_counter() - start
+
+    async def own_chat(i: int) -> tuple[float | None, float]:
+        start, first = time.perf_counter(), None
+        body = {"question": question, "images": [images[i % len(images)]], "stream": True,
+                "max_new_tokens": args.max_tokens}  # fmt: skip
+        async with own.stream("POST", "/chat", json=body) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if first is None and line.startswith('data: {"text"'):
+                    first = time.perf_counter() - start
+        return first, time.perf_counter() - start
+
+    texts = [" ".join(np.random.default_rng(i).choice(WORDS, size=4)) + f" {i}" for i in range(256)]
+
+    async def v1_embed(i: int) -> tuple[float | None, float]:
+        start = time.perf_counter()
+        await oa.embeddings.create(model=encoder_id, input=texts[i % len(texts)])
+        return None, time.perf_counter() - start
+
+    async def v1_embed_raw(i: int) -> tuple[float | None, float]:
+        start = time.perf_counter()
+        body = {"model": encoder_id, "input": texts[i % len(texts)], "encoding_format": "base64"}
+        r = await own.post("/v1/embeddings", json=body, headers={"Authorization": f"Bearer {key}"})
+        r.raise_for_status()
+        return None, time.perf_counter() - start
+
+    async def own_search(i: int) -> tuple[float | None, float]:
+        start = time.perf_counter()
+        (await own.post("/search", json={"text": texts[i % len(texts)], "k": args.k})).raise_for_status()
+        return None, time.perf_counter() - start
+
+    rows = []
+    try:
+        for name, call, clients in (
+            ("/chat stream", own_chat, args.chat_clients),
+            ("/v1 chat stream", v1_chat, args.chat_clients),
+            ("/v1 chat (httpx)", v1_chat_raw, args.chat_clients),
+            ("/search text", own_search, args.clients),
+            ("/v1 embeddings", v1_embed, args.clients),
+            ("/v1 embed (httpx)", v1_embed_raw, args.clients),
+        ):
+            rows.append((name, await _drive(call, clients, args.duration, args.warmup)))
+    finally:
+        await own.aclose()
+        await oa.close()
+    return rows
+
+
+def print_openai_table(rows: list[tuple[str, dict]], args: argparse.Namespace) -> None:
+    print(
+        f"\nOpenAI dialect vs own endpoints: chat with one image, {args.max_tokens} tokens, "
+        f"{args.chat_clients} chat clients; one-text embeddings / search, {args.clients} clients; "
+        f"{args.duration:.0f} s each"
+    )
+    head = ("mode", "requests", "errors", "req/s", "TTFT p50", "TTFT p99", "p50 ms", "p99 ms")
+    print(f"{head[0]:<18}" + "".join(f"{h:>10}" for h in head[1:]))
+    for name, s in rows:
+        print(
+            f"{name:<18}{s['requests']:>10}{s['errors']:>10}{s['qps']:>10.1f}{s['ttft_p50_ms']:>10.1f}"
+            f"{s['ttft_p99_ms']:>10.1f}{s['p50_ms']:>10.1f}{s['p99_ms']:>10.1f}"
+        )
+    by = dict(rows)
+    pairs = [("/v1 chat stream", "/chat stream"), ("/v1 chat (httpx)", "/chat stream"),
+             ("/v1 embeddings", "/search text"), ("/v1 embed (httpx)", "/search text")]  # fmt: skip
+    print("openai rows: the official client (its parsing included); httpx rows: the same requests, raw")
+    for dialect, ours in pairs:
+        a, b = by[dialect], by[ours]
+        ratio = a["p50_ms"] / b["p50_ms"] if b["p50_ms"] > 0 else float("nan")
+        line = f"{dialect} / {ours}: p50 x{ratio:.3f} ({(ratio - 1) * 100:+.1f} %)"
+        if a["ttft_p50_ms"] == a["ttft_p50_ms"] and b["ttft_p50_ms"] > 0:  # not NaN
+            line += f", TTFT p50 x{a['ttft_p50_ms'] / b['ttft_p50_ms']:.3f}"
+        line += f", req/s x{a['qps'] / b['qps']:.3f}" if b["qps"] > 0 else ""
+        print(line + ("  (under 5 %)" if ratio < 1.05 else "  (OVER 5 %)"))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.openai:
+        if args.url:
+            rows = asyncio.run(measure_openai(args.url, args))
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                index = args.index or str(build_temp_index(args.model, Path(tmp)))
+                with start_server(args, index, True, ["--chat-model", args.chat_model]) as url:
+                    rows = asyncio.run(measure_openai(url, args))
+        print_openai_table(rows, args)
+        return 0
     bodies = make_bodies(args.kind, 256, args.k)
     run = lambda url: asyncio.run(  # noqa: E731
         measure(url, bodies, args.clients, args.duration, args.warmup, args.api_key)

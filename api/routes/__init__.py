@@ -9,7 +9,14 @@ from api.schemas import ErrorResponse
 
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for the JSON errors a route can answer."""
-    return {code: {"model": ErrorResponse, "description": _DESCRIPTIONS.get(code, "error")} for code in codes}
+    return {
+        code: {
+            "model": ErrorResponse,
+            "description": _DESCRIPTIONS.get(code, "error"),
+            **({"headers": {"Retry-After": {"schema": {"type": "string"}}}} if code == 429 else {}),
+        }
+        for code in codes
+    }
 
 
 _DESCRIPTIONS = {
@@ -19,5 +26,6 @@ _DESCRIPTIONS = {
     413: "request body too large",
     415: "unsupported content type",
     422: "invalid request: bad field, undecodable image or image over the pixel limit",
+    429: "overloaded: too many requests in flight; retry after Retry-After seconds",
     503: "model or index not configured",
 }

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, HTTPException
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, HTTPException, Request
 from PIL import Image
 
 from api.deps import AuthDep, ServiceDep
+from api.limits import GatedStreamingResponse, on_thread, unless_disconnected, watching
 from api.routes import error_responses
+from api.routes.search import retrieve_images
 from api.schemas import MIN_SAMPLING_TEMPERATURE, ChatRequest, ChatResponse, Source
 from api.service import Service, decode_base64_image
+
+if TYPE_CHECKING:
+    from chat.grounded import Retrieved
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["chat"])
@@ -107,15 +112,15 @@ def _started(pieces: Iterator[str]) -> Iterator[str]:
 
 
 def _prepare(
-    service: Service, req: ChatRequest, images: list[Image.Image] | None
+    service: Service, req: ChatRequest, images: list[Image.Image] | None, retrieved: Retrieved | None
 ) -> tuple[list[dict], Iterator[str]]:
-    """Runs on the chat thread: retrieval (when no images) and the start of generation."""
-    sources, pieces = _start_stream(service, req, images)
+    """Runs on the chat thread: the start of generation (over the retrieved images when no images)."""
+    sources, pieces = _start_stream(service, req, images, retrieved)
     return sources, _started(pieces)
 
 
 def _start_stream(
-    service: Service, req: ChatRequest, images: list[Image.Image] | None
+    service: Service, req: ChatRequest, images: list[Image.Image] | None, retrieved: Retrieved | None
 ) -> tuple[list[dict], Iterator[str]]:
     if images is not None:
         pieces = service.chat_model.stream(_question(req, len(images)), images=images, **_direct_kwargs(req))
@@ -130,11 +135,14 @@ def _start_stream(
         chat_model=service.chat_model,
         k=req.k,
         temperature=_temperature(req),
+        retrieved=retrieved,
         **_common_kwargs(req),
     )
 
 
-def _answer(service: Service, req: ChatRequest, images: list[Image.Image] | None) -> dict:
+def _answer(
+    service: Service, req: ChatRequest, images: list[Image.Image] | None, retrieved: Retrieved | None
+) -> dict:
     """Runs on the chat thread: the whole non-streamed answer."""
     if images is not None:
         text = service.chat_model.chat(_question(req, len(images)), images=images, **_direct_kwargs(req))
@@ -149,6 +157,7 @@ def _answer(service: Service, req: ChatRequest, images: list[Image.Image] | None
         chat_model=service.chat_model,
         k=req.k,
         temperature=_temperature(req),
+        retrieved=retrieved,
         **_common_kwargs(req),
     )
 
@@ -179,28 +188,42 @@ async def _event_stream(service: Service, sources: list[dict], pieces: Iterator[
     description=_SSE_DOC,
     responses={
         200: {"content": {"text/event-stream": {"schema": _SSE_EVENT}}},
-        **error_responses(400, 401, 413, 422, 503),
+        **error_responses(400, 401, 413, 422, 429, 503),
     },
 )
-async def chat(req: ChatRequest, service: ServiceDep) -> Any:
+async def chat(req: ChatRequest, request: Request, service: ServiceDep) -> Any:
     """Answer ``question`` from ``images`` or from the top ``k`` indexed images (``sources``)."""
     if service.chat_model is None:
         raise HTTPException(
             503, "chat is not configured: start the server with --chat-model PATH (IVL_CHAT_MODEL)"
         )
-    images = await _images(service, req)
-    if images is None:
-        service.require_encoder()
-        service.require_index()
+    service.chat_gate.acquire()
+    streaming = False
     try:
+        images = await _images(service, req)
+        retrieved: Retrieved | None = None
+        if images is None:  # retrieval: encoded through the micro-batcher, searched on the index thread
+            service.require_encoder()
+            index = service.require_index().current
+            retrieved = await unless_disconnected(
+                request, retrieve_images(service, index, req.question, req.k)
+            )
+        cancelled = threading.Event()  # set when the client leaves: its queued chat work is dropped
         if req.stream:
-            sources, pieces = await service.run_chat(_prepare, service, req, images)
-            return StreamingResponse(
+            starting = service.run_chat(on_thread, cancelled, _prepare, service, req, images, retrieved)
+            sources, pieces = await watching(request, cancelled, starting)
+            streaming = True
+            return GatedStreamingResponse(
                 _event_stream(service, sources, pieces),
+                service.chat_gate,
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        out = await service.run_chat(_answer, service, req, images)
+        answering = service.run_chat(on_thread, cancelled, _answer, service, req, images, retrieved)
+        out = await watching(request, cancelled, answering)
     except ValueError as exc:  # the chat model rejects the input combination (tiles, placeholders, ...)
         raise HTTPException(422, f"cannot answer this request: {exc}") from exc
+    finally:
+        if not streaming:
+            service.chat_gate.release()
     return ChatResponse(answer=out["answer"], sources=[Source(**s) for s in _sources(out["sources"])])

@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from api.deps import AuthDep, ServiceDep
+from api.limits import unless_disconnected
 from api.routes import error_responses
 from api.schemas import ClassifyRequest, ClassifyResponse, LabelScore
 from api.service import Service, decode_base64_image
-from retrieval.zero_shot import classify as zero_shot
+from retrieval.zero_shot import label_prompts, pool_class_embeddings, probabilities
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["classify"])
@@ -28,17 +29,27 @@ async def _image_embedding(service: Service, req: ClassifyRequest) -> np.ndarray
     return await holder.run(index.get_vectors, [req.image_id])
 
 
+async def _probabilities(service: Service, req: ClassifyRequest) -> np.ndarray:
+    """``zero_shot.classify``'s probabilities ``(1, L)``, with the labels x templates prompts encoded through
+    the text micro-batcher in chunks (not one huge encoder call)."""
+    encoder = service.require_encoder()
+    embedding = await _image_embedding(service, req)
+    prompts = label_prompts(list(req.labels), req.templates)
+    classes = pool_class_embeddings(await service.embed_texts(prompts), len(req.labels))
+    return probabilities(encoder.logit_scale, embedding, classes)
+
+
 @router.post(
     "/classify",
     response_model=ClassifyResponse,
     dependencies=[AuthDep],
-    responses=error_responses(400, 401, 404, 413, 422, 503),
+    responses=error_responses(400, 401, 404, 413, 422, 429, 503),
 )
-async def classify(req: ClassifyRequest, service: ServiceDep) -> ClassifyResponse:
+async def classify(req: ClassifyRequest, request: Request, service: ServiceDep) -> ClassifyResponse:
     """Probabilities over ``labels`` (sorted, summing to 1), optionally with prompt ``templates``."""
-    encoder = service.require_encoder()
-    embedding = await _image_embedding(service, req)
-    probs = await service.run_encoder(zero_shot, encoder, embedding, list(req.labels), req.templates)
+    service.require_encoder()
+    with service.encode_gate.slot():
+        probs = await unless_disconnected(request, _probabilities(service, req))
     row = np.asarray(probs, dtype=np.float64).reshape(-1)
     order = np.argsort(-row, kind="stable")
     scores = [LabelScore(label=req.labels[i], score=float(row[i])) for i in order]

@@ -25,12 +25,13 @@ import numpy as np
 import torch
 from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.deps import AuthDep, ServiceDep
 from api.errors import _clean_errors
+from api.limits import GatedStreamingResponse, unless_disconnected, watching
 from api.openai_schemas import (
     DATA_URL_PATTERN,
     AssistantMessage,
@@ -52,7 +53,7 @@ from api.openai_schemas import (
 )
 from api.schemas import MIN_SAMPLING_TEMPERATURE, Source
 from api.service import Service, decode_base64_image
-from retrieval.images import ImageDecodeError, open_image
+from retrieval.images import ImageDecodeError
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -376,27 +377,14 @@ async def _plan(service: Service, req: ChatCompletionRequest) -> _Plan:
 async def _retrieve(service: Service, plan: _Plan, k: int) -> None:
     """The ``retrieval`` extension: the question's top-k indexed images replace the request's images,
     as /chat does; the text is encoded through the micro-batcher and searched on the index thread."""
-    from api.routes.search import search_index
+    from api.routes.search import retrieve_images
     from chat.grounded import _clean_history
 
     holder = service.require_index()
     service.require_encoder()
-    index = holder.current
     plan.history = _clean_history(plan.history)
-    plan.images, plan.max_tiles = [], []
     text = plan.last_text
-    if not text.strip() or len(index) == 0:
-        plan.question = text
-        return
-    vector = await service.embed_text(text)
-    images, sources = [], []
-    for row in await search_index(service, index, vector, k):
-        try:
-            images.append(await asyncio.to_thread(open_image, row.path))
-        except ImageDecodeError as exc:
-            logger.warning("skipping retrieved image id=%s path=%s: %s", row.id, row.path, exc)
-            continue
-        sources.append(row.model_dump())
+    images, sources = await retrieve_images(service, holder.current, text, k)
     plan.images, plan.max_tiles, plan.sources = images, [None] * len(images), sources
     plan.question = "".join(f"Image-{i + 1}: <image>\n" for i in range(len(images))) + text
 
@@ -511,22 +499,10 @@ def _complete(run: _Run, stops: list[str], cancelled: threading.Event) -> tuple[
     return "".join(parts), filt.hit
 
 
-async def _watch(request: Request, cancelled: threading.Event) -> None:
-    while not cancelled.is_set():
-        if await request.is_disconnected():
-            cancelled.set()
-            return
-        await asyncio.sleep(0.05)
-
-
 async def _on_chat_thread(service: Service, request: Request, cancelled: threading.Event,
                           fn: Callable[..., Any], *args: Any) -> Any:  # fmt: skip
     """Run ``fn`` on the chat thread while watching for a disconnect (which sets ``cancelled``)."""
-    watcher = asyncio.create_task(_watch(request, cancelled))
-    try:
-        return await service.run_chat(fn, *args)
-    finally:
-        watcher.cancel()
+    return await watching(request, cancelled, service.run_chat(fn, *args))
 
 
 def _stops(req: ChatCompletionRequest) -> list[str]:
@@ -577,8 +553,7 @@ async def _event_stream(
         logger.exception("chat completion stream failed")
         yield f"data: {json.dumps(envelope(500, 'generation failed'))}\n\n".encode()
         yield b"data: [DONE]\n\n"
-    finally:
-        service.chat_gate.release()
+    finally:  # the gate slot is released by the response (GatedStreamingResponse)
         if service.chat_executor is not None:  # stops generation when the client went away
             service.chat_executor.submit(run.pieces.close)  # type: ignore[attr-defined]
 
@@ -634,8 +609,9 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, service
         sources = [Source(**s).model_dump() for s in plan.sources]
         if req.stream:
             streaming = True
-            return StreamingResponse(
+            return GatedStreamingResponse(
                 _event_stream(service, run, req, cid, served or "", sources),
+                service.chat_gate,
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
@@ -690,19 +666,8 @@ async def embeddings(req: EmbeddingRequest, request: Request, service: ServiceDe
             400, f"dimensions must be {encoder.embed_dim} for this model (got {req.dimensions})",
             param="dimensions",
         )  # fmt: skip
-    with service.encode_gate.slot():
-        task = asyncio.ensure_future(_embed(service, req))
-        cancelled = threading.Event()
-        watcher = asyncio.create_task(_watch(request, cancelled))
-        try:
-            while not task.done():
-                await asyncio.wait({task}, timeout=0.05)
-                if cancelled.is_set():  # dropped: queued batcher items are skipped
-                    task.cancel()
-                    raise OpenAIError(400, "client disconnected")
-            vectors = np.asarray(task.result(), dtype=np.float32)
-        finally:
-            watcher.cancel()
+    with service.encode_gate.slot():  # a disconnected client's queued batcher items are skipped
+        vectors = np.asarray(await unless_disconnected(request, _embed(service, req)), dtype=np.float32)
     data = [
         Embedding(
             index=i,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -10,13 +11,16 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
+from PIL import Image
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from api.deps import AuthDep, ServiceDep
+from api.limits import unless_disconnected
 from api.routes import error_responses
 from api.schemas import MAX_ID, SearchRequest, SearchResponse, SearchResult
 from api.service import Service, decode_base64_image
+from retrieval.images import ImageDecodeError, open_image
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["search"])
@@ -150,18 +154,45 @@ async def search_index(service: Service, index: Any, vector: np.ndarray, k: int)
     ]
 
 
+async def retrieve_images(
+    service: Service, index: Any, text: str, k: int
+) -> tuple[list[Image.Image], list[dict[str, Any]]]:
+    """Grounding for /chat and /v1's ``retrieval``: the top-``k`` indexed images for ``text`` (encoded
+    through the micro-batcher, searched on the index thread, opened in a worker thread; unreadable files
+    are skipped with a warning) and their ``{"id", "path", "score"}``."""
+    if not text.strip() or len(index) == 0:
+        if len(index) == 0:
+            logger.warning("index is empty: answering without images")
+        return [], []
+    rows = await search_index(service, index, await service.embed_text(text), k)
+    images: list[Image.Image] = []
+    sources: list[dict[str, Any]] = []
+    for row in rows:
+        try:
+            images.append(await asyncio.to_thread(open_image, row.path))
+        except ImageDecodeError as exc:
+            logger.warning("skipping retrieved image id=%s path=%s: %s", row.id, row.path, exc)
+            continue
+        sources.append(row.model_dump())
+    if len(images) < len(rows):
+        skipped = len(rows) - len(images)
+        logger.warning("%d of %d retrieved images were unreadable and skipped", skipped, len(rows))
+    return images, sources
+
+
 @router.post(
     "/search",
     response_model=SearchResponse,
     dependencies=[AuthDep],
     openapi_extra=_OPENAPI_BODY,
-    responses=error_responses(400, 401, 404, 413, 415, 422, 503),
+    responses=error_responses(400, 401, 404, 413, 415, 422, 429, 503),
 )
 async def search(request: Request, service: ServiceDep) -> SearchResponse:
     """Exactly one of ``text``, ``image`` (base64, or a multipart file) or ``image_id``; top ``k`` results."""
     start = time.perf_counter()
     req, raw = await _parse(request)
     index = service.require_index().current  # this request keeps this index object even across a reload
-    vector = await query_vector(service, req, raw, index)
-    results = await search_index(service, index, vector, req.k)
+    with service.encode_gate.slot():
+        vector = await unless_disconnected(request, query_vector(service, req, raw, index))
+        results = await search_index(service, index, vector, req.k)
     return SearchResponse(results=results, took_ms=round((time.perf_counter() - start) * 1000.0, 3))

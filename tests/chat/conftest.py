@@ -96,6 +96,12 @@ def golden(request: pytest.FixtureRequest) -> GoldenChat:
 
 
 @pytest.fixture(scope="session")
+def golden_qwen2() -> GoldenChat:
+    """The Qwen2 / Hermes-2 fixture only (InternVL2-1B style; its video/ cases)."""
+    return load_golden("internvl_chat_qwen2_tiny")
+
+
+@pytest.fixture(scope="session")
 def golden_tiny() -> GoldenChat:
     """The LLaMA / Hermes-2 fixture only (for tests that need one model, not all three)."""
     return load_golden("internvl_chat_tiny")
