@@ -72,6 +72,18 @@ ImageB64 = Annotated[
         json_schema_extra={"format": "byte", "contentMediaType": "image/*"},
     ),
 ]
+#: custom string format of base64 video files: schemathesis hooks generate real videos for it
+VIDEO_FORMAT = "video-byte"
+VideoB64 = Annotated[
+    str,
+    Field(
+        min_length=1,
+        description="base64 of a video file, e.g. mp4 or mkv (data: URL prefix allowed)",
+        json_schema_extra={"format": VIDEO_FORMAT, "contentMediaType": "video/*"},
+    ),
+]
+#: ``num_segments`` bounds: frames sampled from a /chat video
+MAX_NUM_SEGMENTS = 64
 ImageId = Annotated[Integer(ge=0, le=MAX_ID), Field(description="id of an indexed image")]
 
 
@@ -165,13 +177,29 @@ Question = Annotated[
 ]
 
 
-class ChatRequest(BaseModel):
-    """A question, answered from the given ``images`` or from the top ``k`` retrieved ones."""
+def _not_both(*names: str) -> dict[str, Any]:
+    """JSON-schema ``not``: the fields ``names`` are not all present and not null."""
 
-    model_config = ConfigDict(extra="forbid")
+    def extra(schema: dict[str, Any]) -> None:
+        schema["not"] = {
+            "required": list(names),
+            "properties": {name: {"not": {"type": "null"}} for name in names},
+        }
+
+    return {"json_schema_extra": extra}
+
+
+class ChatRequest(BaseModel):
+    """A question, answered from the given ``images``, a ``video``, or the top ``k`` retrieved images."""
+
+    model_config = ConfigDict(extra="forbid", **_not_both("images", "video"))
 
     question: Question
     images: list[ImageB64] | None = Field(None, min_length=1, max_length=16)
+    video: VideoB64 | None = Field(None, description="a video to answer about (not with 'images')")
+    num_segments: Integer(ge=1, le=MAX_NUM_SEGMENTS) = Field(
+        8, description="frames sampled from 'video' (the model cards' get_index)"
+    )
     k: Integer(ge=1, le=16) = Field(3, description="images to retrieve when 'images' is absent")
     history: list[tuple[Text, Text]] | None = Field(
         None, max_length=64, description="[user, assistant] pairs"
@@ -186,6 +214,12 @@ class ChatRequest(BaseModel):
     )
     max_num_tiles: Integer(ge=1, le=40) | None = None
     stream: bool = Field(False, strict=True)
+
+    @model_validator(mode="after")
+    def _images_or_video(self) -> ChatRequest:
+        if self.images is not None and self.video is not None:
+            raise ValueError("give either 'images' or 'video', not both")
+        return self
 
 
 class Source(BaseModel):

@@ -52,6 +52,15 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1, description="request body limit (413 above)")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="decoded image pixel limit (422 above)")
     max_k: int = Field(1000, ge=1, le=1000)
+    max_video_bytes: int = Field(
+        32 * 1024 * 1024, ge=1, description="video file size limit of /chat (413 above)"
+    )
+    max_video_duration_s: float = Field(
+        600.0, gt=0.0, description="video duration limit of /chat in seconds (422 above)"
+    )
+    max_video_frames: int = Field(
+        36_000, ge=1, description="limit on a /chat video's frame count (422 above)"
+    )
 
     # micro-batching
     batching: bool = Field(True, description="micro-batch concurrent encode requests")

@@ -8,8 +8,10 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
+import torch
 from fastapi import APIRouter, HTTPException, Request
 from PIL import Image
+from starlette.concurrency import run_in_threadpool
 
 from api.deps import AuthDep, ServiceDep
 from api.limits import GatedStreamingResponse, on_thread, unless_disconnected, watching
@@ -17,6 +19,7 @@ from api.routes import error_responses
 from api.routes.search import retrieve_images
 from api.schemas import MIN_SAMPLING_TEMPERATURE, ChatRequest, ChatResponse, Source
 from api.service import Service, decode_base64_image
+from chat.video import VideoDecodeError, probe_video, video_prefix
 
 if TYPE_CHECKING:
     from chat.grounded import Retrieved
@@ -93,6 +96,61 @@ async def _images(service: Service, req: ChatRequest) -> list[Image.Image] | Non
     ]
 
 
+#: a decoded request video: ``(pixel_values, num_patches_list)``, one entry per sampled frame
+Video = tuple[torch.Tensor, list[int]]
+
+
+def _load_video(service: Service, raw: bytes, req: ChatRequest) -> Video:
+    """Worker thread: check the video against the limits (demuxing only), then sample and tile its frames
+    exactly as ``ChatModel.chat(video=...)`` does."""
+    s = service.settings
+    info = probe_video(raw, max_pixels=s.max_pixels)
+    if info.frame_count > s.max_video_frames:
+        raise HTTPException(
+            422, f"the video has {info.frame_count} frames; the limit is {s.max_video_frames}"
+        )
+    if info.duration > s.max_video_duration_s:
+        raise HTTPException(
+            422, f"the video is {info.duration:.1f} s long; the limit is {s.max_video_duration_s:g} s"
+        )
+    return service.chat_model.load_video(raw, num_segments=req.num_segments, max_num_tiles=req.max_num_tiles)
+
+
+async def _video(service: Service, req: ChatRequest, request: Request) -> Video | None:
+    """The request's video decoded off the event loop (413 over the size limit, 422 when undecodable)."""
+    if req.video is None:
+        return None
+    raw = decode_base64_image(req.video, "video")
+    limit = service.settings.max_video_bytes
+    if len(raw) > limit:
+        raise HTTPException(413, f"the video is {len(raw)} bytes; the limit is {limit} bytes")
+    try:
+        return await unless_disconnected(request, run_in_threadpool(_load_video, service, raw, req))
+    except VideoDecodeError as exc:
+        logger.info("rejected a /chat video (%s): %s", exc.reason, exc)
+        detail = {"reason": exc.reason, "message": f"cannot decode the video: {exc}"}
+        raise HTTPException(422, detail) from exc
+
+
+def _video_question(req: ChatRequest, n_frames: int) -> tuple[str, list[tuple[str, str]] | None]:
+    """The model cards' ``Frame1: <image>\n...`` prefix: on the question in the first turn, on the first
+    user turn of ``history`` when no turn has placeholders yet."""
+    history = [(str(u), str(a)) for u, a in req.history] if req.history else None
+    if any("<image>" in text for text in [req.question, *(t for turn in history or () for t in turn)]):
+        return req.question, history
+    if history is None:
+        return video_prefix(n_frames) + req.question, None
+    (user, assistant), *rest = history
+    return req.question, [(video_prefix(n_frames) + user, assistant), *rest]
+
+
+def _video_kwargs(req: ChatRequest, video: Video) -> tuple[str, dict[str, Any]]:
+    """``ChatModel.chat/stream`` arguments for an answer about a decoded video."""
+    question, history = _video_question(req, len(video[1]))
+    pixels = {"pixel_values": video[0], "num_patches_list": video[1]}
+    return question, {**_direct_kwargs(req), "history": history, **pixels}
+
+
 def _started(pieces: Iterator[str]) -> Iterator[str]:
     """Pull the first piece now, so bad input fails before the response status is sent."""
     pieces = iter(pieces)
@@ -112,16 +170,27 @@ def _started(pieces: Iterator[str]) -> Iterator[str]:
 
 
 def _prepare(
-    service: Service, req: ChatRequest, images: list[Image.Image] | None, retrieved: Retrieved | None
+    service: Service,
+    req: ChatRequest,
+    images: list[Image.Image] | None,
+    retrieved: Retrieved | None,
+    video: Video | None = None,
 ) -> tuple[list[dict], Iterator[str]]:
     """Runs on the chat thread: the start of generation (over the retrieved images when no images)."""
-    sources, pieces = _start_stream(service, req, images, retrieved)
+    sources, pieces = _start_stream(service, req, images, retrieved, video)
     return sources, _started(pieces)
 
 
 def _start_stream(
-    service: Service, req: ChatRequest, images: list[Image.Image] | None, retrieved: Retrieved | None
+    service: Service,
+    req: ChatRequest,
+    images: list[Image.Image] | None,
+    retrieved: Retrieved | None,
+    video: Video | None = None,
 ) -> tuple[list[dict], Iterator[str]]:
+    if video is not None:
+        question, kwargs = _video_kwargs(req, video)
+        return [], service.chat_model.stream(question, **kwargs)
     if images is not None:
         pieces = service.chat_model.stream(_question(req, len(images)), images=images, **_direct_kwargs(req))
         return [], pieces
@@ -141,9 +210,16 @@ def _start_stream(
 
 
 def _answer(
-    service: Service, req: ChatRequest, images: list[Image.Image] | None, retrieved: Retrieved | None
+    service: Service,
+    req: ChatRequest,
+    images: list[Image.Image] | None,
+    retrieved: Retrieved | None,
+    video: Video | None = None,
 ) -> dict:
     """Runs on the chat thread: the whole non-streamed answer."""
+    if video is not None:
+        question, kwargs = _video_kwargs(req, video)
+        return {"answer": service.chat_model.chat(question, **kwargs), "sources": []}
     if images is not None:
         text = service.chat_model.chat(_question(req, len(images)), images=images, **_direct_kwargs(req))
         return {"answer": text, "sources": []}
@@ -192,7 +268,8 @@ async def _event_stream(service: Service, sources: list[dict], pieces: Iterator[
     },
 )
 async def chat(req: ChatRequest, request: Request, service: ServiceDep) -> Any:
-    """Answer ``question`` from ``images`` or from the top ``k`` indexed images (``sources``)."""
+    """Answer ``question`` from ``images``, a ``video`` (``num_segments`` frames) or from the top ``k``
+    indexed images (``sources``)."""
     if service.chat_model is None:
         raise HTTPException(
             503, "chat is not configured: start the server with --chat-model PATH (IVL_CHAT_MODEL)"
@@ -201,8 +278,9 @@ async def chat(req: ChatRequest, request: Request, service: ServiceDep) -> Any:
     streaming = False
     try:
         images = await _images(service, req)
+        video = await _video(service, req, request)
         retrieved: Retrieved | None = None
-        if images is None:  # retrieval: encoded through the micro-batcher, searched on the index thread
+        if images is None and video is None:  # retrieval: micro-batched encoding, index-thread search
             service.require_encoder()
             index = service.require_index().current
             retrieved = await unless_disconnected(
@@ -210,7 +288,9 @@ async def chat(req: ChatRequest, request: Request, service: ServiceDep) -> Any:
             )
         cancelled = threading.Event()  # set when the client leaves: its queued chat work is dropped
         if req.stream:
-            starting = service.run_chat(on_thread, cancelled, _prepare, service, req, images, retrieved)
+            starting = service.run_chat(
+                on_thread, cancelled, _prepare, service, req, images, retrieved, video
+            )
             sources, pieces = await watching(request, cancelled, starting)
             streaming = True
             return GatedStreamingResponse(
@@ -219,7 +299,7 @@ async def chat(req: ChatRequest, request: Request, service: ServiceDep) -> Any:
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        answering = service.run_chat(on_thread, cancelled, _answer, service, req, images, retrieved)
+        answering = service.run_chat(on_thread, cancelled, _answer, service, req, images, retrieved, video)
         out = await watching(request, cancelled, answering)
     except ValueError as exc:  # the chat model rejects the input combination (tiles, placeholders, ...)
         raise HTTPException(422, f"cannot answer this request: {exc}") from exc
