@@ -6,12 +6,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from api.schemas import MAX_ID, Integer, Source, _utf8
+from api.schemas import MAX_ID, MAX_NUM_SEGMENTS, Integer, Source, _utf8
 
 #: what an image URL the server decodes itself looks like (``data:image/png;base64,...``)
 DATA_URL_PATTERN = r"^data:image/[\w.+-]+(;[\w=.-]+)*;base64,"
 #: custom string format: schemathesis hooks generate real images for it
 DATA_URL_FORMAT = "image-data-url"
+#: what a video URL the server decodes looks like (``data:video/mp4;base64,...``)
+VIDEO_DATA_URL_PATTERN = r"^data:video/[\w.+-]+(;[\w=.-]+)*;base64,"
+#: custom string format: schemathesis hooks generate real videos for it
+VIDEO_DATA_URL_FORMAT = "video-data-url"
 MAX_EMBED_INPUTS = 2048
 MAX_TEXT = 100_000
 
@@ -23,6 +27,15 @@ ImageUrlText = Annotated[
         min_length=1,
         description="data:image/...;base64,... (http(s) only for hosts in IVL_ALLOWED_MEDIA_DOMAINS)",
         json_schema_extra={"format": DATA_URL_FORMAT},  # a pattern would make fuzzers skip the format
+    ),
+]
+
+VideoUrlText = Annotated[
+    str,
+    Field(
+        min_length=1,
+        description="data:video/...;base64,... of a video file (mp4, mkv, webm, ...)",
+        json_schema_extra={"format": VIDEO_DATA_URL_FORMAT},  # a pattern would make fuzzers skip the format
     ),
 ]
 
@@ -49,7 +62,24 @@ class ImagePart(_Closed):
     image_url: ImageURL
 
 
-UserPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class VideoURL(_Closed):
+    url: VideoUrlText
+    num_segments: Integer(ge=1, le=MAX_NUM_SEGMENTS) = Field(
+        8, description="frames sampled from the video (the model cards' get_index)"
+    )
+    max_dynamic_patch: Integer(ge=1, le=40) | None = Field(
+        None, description="tiles per frame (default 1, as the model cards); bounded by the server's limit"
+    )
+
+
+class VideoPart(_Closed):
+    """vLLM's video content part; the question gets the model cards' ``Frame1: <image>\\n...`` prefix."""
+
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+UserPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 Name = Annotated[str, Field(max_length=256)]
 TextParts = Annotated[list[TextPart], Field(min_length=1, max_length=64)]
 UserParts = Annotated[list[UserPart], Field(min_length=1, max_length=64)]

@@ -2,10 +2,16 @@
 
 Every ``commit_every`` images the encoded chunk is added and the index saved (atomically), so a run
 killed at any instant loses at most the uncommitted chunk, and a re-run skips what was committed.
+
+Video files (:data:`chat.video.VIDEO_EXTENSIONS`) are embedded after the images, one at a time in this
+process (:func:`retrieval.video.embed_video`): one ``kind="video"`` row per file and, with
+``video_segments``, one ``kind="segment"`` row per segment carrying ``t_start`` / ``t_end``. A video's
+rows are committed together, so an interrupted run never leaves a video half indexed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -18,17 +24,23 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from chat.video import VIDEO_EXTENSIONS, VideoDecodeError
 from index.index import Index
 from index.reader import ImageFileDataset, make_loader
 from index.vectors import atomic_write
-from index.walk import Plan, plan_root, resolve_roots, walk
+from index.walk import Plan, WorkItem, plan_root, resolve_roots, walk
 from retrieval.base import Encoder
-from retrieval.images import DEFAULT_MAX_PIXELS
+from retrieval.images import DEFAULT_MAX_PIXELS, supported_extensions
+from retrieval.video import VIDEO_EMBED_FRAMES, embed_video
 
 logger = logging.getLogger(__name__)
 
 REPORT_FILE = "build_report.json"
 SKIPPED_FILE = "skipped.tsv"
+#: videos lasting longer are skipped (reason ``too_long``)
+DEFAULT_MAX_VIDEO_SECONDS = 3 * 3600.0
+#: video files larger than this are skipped (reason ``too_large``)
+DEFAULT_MAX_VIDEO_BYTES = 8 << 30
 
 
 @dataclass
@@ -45,6 +57,8 @@ class BuildReport:
     seconds: float = 0.0
     images_per_s: float = 0.0
     indexed: int = 0
+    videos: int = 0  #: videos embedded in this run
+    segments: int = 0  #: segment rows added in this run
     skipped_files: list[tuple[str, str, str]] = field(default_factory=list)
 
     def summary(self) -> dict:
@@ -113,14 +127,23 @@ def build_index(
     commit_every: int = 1024,
     progress: bool = True,
     throttle: float = 0.0,
+    videos: bool = True,
+    video_segments: float | None = None,
+    max_video_seconds: float | None = DEFAULT_MAX_VIDEO_SECONDS,
+    max_video_bytes: int = DEFAULT_MAX_VIDEO_BYTES,
 ) -> BuildReport:
-    """Index the images under ``roots`` into ``index_dir`` incrementally; see the module docstring.
+    """Index the images (and videos) under ``roots`` into ``index_dir`` incrementally; see the module
+    docstring.
 
     ``index_type`` ``None`` keeps an existing index's type (``auto`` for a new one). ``throttle``
-    sleeps that many seconds per batch (tests use it to interrupt a run midway).
+    sleeps that many seconds per batch or video (tests use it to interrupt a run midway).
+    ``video_segments`` (seconds) adds segment rows; videos indexed with another setting are re-embedded.
     """
     if batch_size < 1 or commit_every < 1:
         raise ValueError("batch_size and commit_every must be positive")
+    if video_segments is not None and not video_segments > 0:
+        raise ValueError(f"video_segments must be > 0 seconds, got {video_segments}")
+    extensions = supported_extensions() | VIDEO_EXTENSIONS if videos else supported_extensions()
     start = time.perf_counter()
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
     roots = resolve_roots(roots)
@@ -131,13 +154,26 @@ def build_index(
         walk_errors: list[tuple[str, str, str]] = []
         seen: set[tuple[int, int]] = set()
         for root in roots:
-            entries = walk([root], lambda p, r, m: walk_errors.append((p, r, m)), within=roots, seen=seen)
+            on_error = lambda p, r, m: walk_errors.append((p, r, m))  # noqa: E731
+            entries = walk([root], on_error, extensions, within=roots, seen=seen)
+            gen = index.view_generation
+            indexed_videos = index.store.extras_by_root(root, gen, '"kind": "video"')
+            stale = {
+                rel for rel, extra in indexed_videos.items() if extra.get("video_segments") != video_segments
+            }
             plan_root(
-                entries, index.store.by_root(root, index.view_generation), index.store.failures(root), plan
+                entries,
+                index.store.by_root(root, gen),
+                index.store.failures(root),
+                plan,
+                index.store.parts_by_root(root, gen),
+                stale,
             )
         report.scanned, report.unchanged = plan.scanned + len(walk_errors), plan.unchanged
         report.skipped_files.extend(walk_errors + plan.known_bad)
         logger.info("%d files, %d to read, %d unchanged", plan.scanned, len(plan.work), plan.unchanged)
+        video_work = [w for w in plan.work if _is_video(w.relpath)]
+        plan.work = [w for w in plan.work if not _is_video(w.relpath)]
 
         dataset = ImageFileDataset(
             plan.work, encoder.image_transform, max_pixels=max_pixels, close_fds=index.inherited_fds()
@@ -145,7 +181,11 @@ def build_index(
         loader = make_loader(dataset, batch_size, workers, pin_memory=encoder.device.type == "cuda")
         chunk = _Chunk()
         bar = tqdm(
-            total=len(plan.work), unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True
+            total=len(plan.work) + len(video_work),
+            unit="file" if video_work else "img",
+            file=sys.stderr,
+            disable=not progress,
+            dynamic_ncols=True,
         )
         try:
             for pixels, records in loader:
@@ -157,8 +197,27 @@ def build_index(
                 if throttle:
                     time.sleep(throttle)
             chunk.commit(index)
+            if video_work:
+                logger.info("%d videos to read", len(video_work))
+            for item in video_work:
+                rec = _read_video(
+                    item,
+                    encoder,
+                    segment_seconds=video_segments,
+                    max_duration=max_video_seconds,
+                    max_pixels=max_pixels,
+                    max_bytes=max_video_bytes,
+                    batch_size=batch_size,
+                )
+                _collect_video(item, rec, chunk, report)
+                bar.update(1)
+                if len(chunk) >= commit_every:
+                    chunk.commit(index)
+                if throttle:
+                    time.sleep(throttle)
+            chunk.commit(index)
         except KeyboardInterrupt:
-            logger.warning("interrupted: saving the %d images encoded so far", len(chunk.rows))
+            logger.warning("interrupted: saving the %d rows encoded so far", len(chunk.rows))
             chunk.commit(index)
             raise
         finally:
@@ -195,6 +254,7 @@ def _collect(
                     "hash": rec["hash"],
                     "width": rec["width"],
                     "height": rec["height"],
+                    "kind": "image",
                 }
             )
             chunk.fixed.setdefault(item.root, []).append(item.relpath)
@@ -216,6 +276,117 @@ def _collect(
             )
             report.skipped_files.append((item.path, rec["reason"], rec["message"]))
             logger.debug("skipped %s: %s", item.path, rec["message"])
+
+
+def _is_video(relpath: str) -> bool:
+    return os.path.splitext(relpath)[1].lower() in VIDEO_EXTENSIONS
+
+
+def _file_hash(path: str) -> str:
+    """Streaming :func:`index.reader.content_hash` of a file (videos are not read into memory)."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_video(
+    item: WorkItem,
+    encoder: Encoder,
+    *,
+    segment_seconds: float | None,
+    max_duration: float | None,
+    max_pixels: int | None,
+    max_bytes: int,
+    batch_size: int,
+) -> dict:
+    """One video -> a record like :class:`index.reader.ImageFileDataset`'s, with ``rows`` and ``vectors``
+    (whole video first, then its segments) when ``status`` is ``ok``. Never raises for a bad file."""
+    rec: dict = {"status": "error", "reason": None, "message": None}
+    try:
+        st = os.stat(item.path)
+        rec.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
+        if st.st_size > max_bytes:
+            message = f"{item.path}: file has {st.st_size} bytes, over the limit of {max_bytes}"
+            return {**rec, "reason": "too_large", "message": message}
+        rec["hash"] = _file_hash(item.path)
+    except FileNotFoundError as exc:
+        return {**rec, "reason": "vanished", "message": f"file disappeared during the run: {exc}"}
+    except OSError as exc:
+        return {**rec, "reason": "unreadable", "message": f"cannot read file: {exc}"}
+    if item.expect_hash is not None and rec["hash"] == item.expect_hash:
+        return {**rec, "status": "same"}
+    try:
+        emb = embed_video(
+            encoder,
+            item.path,
+            num_frames=VIDEO_EMBED_FRAMES,
+            segment_seconds=segment_seconds,
+            max_duration=max_duration,
+            max_pixels=max_pixels,
+            batch_size=batch_size,
+        )
+    except VideoDecodeError as exc:
+        message = str(exc)
+        return {
+            **rec,
+            "reason": exc.reason,
+            "message": message if item.path in message else f"{item.path}: {message}",
+        }
+    except Exception as exc:  # noqa: BLE001 - one odd file must not end the build
+        logger.warning("%s: unexpected error while decoding the video: %r", item.path, exc)
+        return {**rec, "reason": "undecodable", "message": f"{type(exc).__name__}: {exc}"}
+    info = emb.info
+    base = {
+        "root": item.root, "relpath": item.relpath, "size": rec["size"], "mtime_ns": rec["mtime_ns"],
+        "hash": rec["hash"], "width": info.width, "height": info.height, "video_segments": segment_seconds,
+    }  # fmt: skip
+    rows = [
+        {**base, "kind": "video", "part": 0, "t_start": 0.0, "t_end": round(info.duration, 6),
+         "duration": round(info.duration, 6), "fps": info.fps, "frame_count": info.frame_count},
+    ]  # fmt: skip
+    rows += [
+        {
+            **base,
+            "kind": "segment",
+            "part": k + 1,
+            "t_start": round(seg.t_start, 6),
+            "t_end": round(seg.t_end, 6),
+        }
+        for k, seg in enumerate(emb.segments)
+    ]
+    vectors = np.stack([emb.vector, *(seg.vector for seg in emb.segments)]).astype(np.float32)
+    return {**rec, "status": "ok", "rows": rows, "vectors": vectors}
+
+
+def _collect_video(item: WorkItem, rec: dict, chunk: _Chunk, report: BuildReport) -> None:
+    """Sort one video's record into rows to add (whole video + segments), rows to touch or a failure."""
+    old = [item.old_id, *item.old_parts] if item.old_id is not None else list(item.old_parts)
+    if rec["status"] == "ok":
+        chunk.vectors.append(rec["vectors"])
+        chunk.rows.extend(rec["rows"])
+        chunk.fixed.setdefault(item.root, []).append(item.relpath)
+        chunk.replaced.extend(old)
+        report.encoded += 1
+        report.videos += 1
+        report.segments += len(rec["rows"]) - 1
+        if item.old_id is None:
+            report.added += 1
+        else:
+            report.updated += 1
+    elif rec["status"] == "same":
+        chunk.touched.extend((i, rec["size"], rec["mtime_ns"]) for i in old)
+        report.unchanged += 1
+    else:
+        if old:  # the file changed and no longer decodes: its old rows are stale
+            chunk.replaced.extend(old)
+            report.removed += 1
+        chunk.failed.setdefault(item.root, []).append(
+            (item.relpath, rec.get("size"), rec.get("mtime_ns"), rec["reason"], rec["message"])
+        )
+        report.skipped_files.append((item.path, rec["reason"], rec["message"]))
+        logger.debug("skipped %s: %s", item.path, rec["message"])
 
 
 def write_report(folder: Path, report: BuildReport) -> None:

@@ -4,6 +4,8 @@ Directory layout::
 
     manifest.json        format version, model, mode, dim, metric, index type, generation (commit point)
     meta.sqlite          rows (WAL), each tagged with the generation that added / removed it
+                         (schema 2: ``part`` lets a video keep one row per segment; schema-1 files are
+                         migrated by the first writer, see :mod:`index.store`)
     vectors/seg-*.npy    float16 vectors, memory-mappable, immutable segments
     faiss/<gen>.faiss    FAISS index (ids = SQLite ids) as of ``faiss_generation``
 
@@ -37,7 +39,7 @@ from index.manifest import (  # noqa: F401 - the errors are re-exported for ``fr
 )
 from index.persist import SaveMixin
 from index.query import RERANK_FACTOR, QueryMixin
-from index.store import MetaStore
+from index.store import SCHEMA_VERSION, MetaStore
 from index.vectors import VectorStore
 
 logger = logging.getLogger(__name__)
@@ -243,6 +245,13 @@ class Index(SaveMixin, QueryMixin):
             os.close(fd)
             raise IndexLockedError(f"index at {self.dir} is being written by another process") from exc
         self._lock_fd = fd
+        try:
+            if self.store.migrate():
+                logger.info("%s: metadata migrated to schema %d (segment rows)", self.dir, SCHEMA_VERSION)
+        except ValueError as exc:
+            self._lock_fd = None
+            os.close(fd)
+            raise IndexFormatError(str(exc)) from exc
         manifest = read_manifest(self.dir)
         n = self.store.rollback_after(int(manifest["generation"]))
         if n:

@@ -4,6 +4,11 @@ Every row carries ``gen_added`` and ``gen_removed``. A reader pinned to generati
 ``manifest.json``) sees exactly the rows with ``gen_added <= G`` and ``gen_removed`` unset or ``> G``,
 so a writer can commit rows for generation ``G + 1`` before the manifest names it, and a crash
 between the two is undone by :meth:`MetaStore.rollback_after`.
+
+Schema version 2 (``meta.schema_version``) adds ``part``: 0 for an image or a whole video, ``k + 1`` for
+segment ``k`` of a video, so one path can hold several live rows (unique on ``(root, relpath, part)``).
+Version-1 databases (no ``schema_version``) are migrated in place by :meth:`MetaStore.migrate`, which the
+index calls once it holds the writer lock; readers never need the new column.
 """
 
 from __future__ import annotations
@@ -31,9 +36,10 @@ CREATE TABLE IF NOT EXISTS images (
     off INTEGER NOT NULL,
     gen_added INTEGER NOT NULL,
     gen_removed INTEGER,
-    extra TEXT
+    extra TEXT,
+    part INTEGER NOT NULL DEFAULT 0
 );
-CREATE UNIQUE INDEX IF NOT EXISTS images_live_path ON images(root, relpath) WHERE gen_removed IS NULL;
+CREATE UNIQUE INDEX IF NOT EXISTS images_live_part ON images(root, relpath, part) WHERE gen_removed IS NULL;
 CREATE INDEX IF NOT EXISTS images_removed ON images(gen_removed) WHERE gen_removed IS NOT NULL;
 CREATE INDEX IF NOT EXISTS images_added ON images(gen_added);
 CREATE INDEX IF NOT EXISTS images_seg ON images(seg);
@@ -42,14 +48,18 @@ CREATE TABLE IF NOT EXISTS failures (
     reason TEXT NOT NULL, message TEXT, PRIMARY KEY (root, relpath)
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT OR IGNORE INTO meta VALUES ('schema_version', '2');
 """
+
+#: version of the SQLite schema this code writes (1: no ``part`` column, one live row per path)
+SCHEMA_VERSION = 2
 
 #: metadata columns a row dict may set (``path`` is split into root/relpath)
 ROW_FIELDS = ("root", "relpath", "size", "mtime_ns", "hash", "width", "height")
 _COLUMNS = "id, root, relpath, size, mtime_ns, hash, width, height, added_at, seg, off, extra"
 _VISIBLE = "gen_added <= ? AND (gen_removed IS NULL OR gen_removed > ?)"
 _CHUNK = 900  # stay below SQLite's bound-parameter limit
-_DERIVED = ("id", "path", "score", "added_at")
+_DERIVED = ("id", "path", "score", "added_at", "part")
 
 
 def _sql_ids(ids: Iterable[int]) -> list[int]:
@@ -97,6 +107,41 @@ class MetaStore:
         if create:
             conn.executescript(SCHEMA)
             conn.commit()
+
+    def schema_version(self) -> int:
+        """1 for databases written before segment rows existed, else the stored version."""
+        value = self.meta("schema_version")
+        return int(value) if value is not None else 1
+
+    def migrate(self) -> bool:
+        """Upgrade a version-1 database to :data:`SCHEMA_VERSION` in one transaction (writer only).
+
+        Returns True when something was migrated; a database newer than this code raises ``ValueError``.
+        """
+        version = self.schema_version()
+        if version > SCHEMA_VERSION:
+            raise ValueError(
+                f"{self.path}: metadata schema {version} is newer than this code's {SCHEMA_VERSION}"
+            )
+        if version == SCHEMA_VERSION:
+            return False
+        conn = self.conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            columns = {r[1] for r in conn.execute("PRAGMA table_info(images)")}
+            if "part" not in columns:
+                conn.execute("ALTER TABLE images ADD COLUMN part INTEGER NOT NULL DEFAULT 0")
+            conn.execute("DROP INDEX IF EXISTS images_live_path")
+            conn.execute(
+                "CREATE UNIQUE INDEX IF NOT EXISTS images_live_part ON images(root, relpath, part)"
+                " WHERE gen_removed IS NULL"
+            )
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        except BaseException:
+            conn.rollback()
+            raise
+        conn.commit()
+        return True
 
     def conn(self) -> sqlite3.Connection:
         """This thread's connection (created on first use)."""
@@ -165,9 +210,26 @@ class MetaStore:
         return [(int(a), int(b), int(c)) for a, b, c in added], [int(r[0]) for r in removed]
 
     def by_root(self, root: str, gen: int) -> dict[str, tuple[int, int, int, str]]:
-        """``relpath -> (id, size, mtime_ns, hash)`` for visible rows under ``root``."""
-        sql = f"SELECT relpath, id, size, mtime_ns, hash FROM images WHERE root = ? AND {_VISIBLE}"
+        """``relpath -> (id, size, mtime_ns, hash)`` for visible file rows (image / whole video) under
+        ``root``; segment rows are in :meth:`parts_by_root`."""
+        sql = (
+            f"SELECT relpath, id, size, mtime_ns, hash FROM images WHERE root = ? AND part = 0 AND {_VISIBLE}"
+        )
         return {r[0]: (int(r[1]), r[2], r[3], r[4]) for r in self.conn().execute(sql, (root, gen, gen))}
+
+    def parts_by_root(self, root: str, gen: int) -> dict[str, list[int]]:
+        """``relpath -> ids`` of the visible segment rows (``part > 0``) under ``root``."""
+        sql = f"SELECT relpath, id FROM images WHERE root = ? AND part > 0 AND {_VISIBLE} ORDER BY part"
+        out: dict[str, list[int]] = {}
+        for rel, rid in self.conn().execute(sql, (root, gen, gen)):
+            out.setdefault(rel, []).append(int(rid))
+        return out
+
+    def extras_by_root(self, root: str, gen: int, like: str) -> dict[str, dict]:
+        """``relpath -> extra fields`` of visible file rows under ``root`` whose extra JSON holds ``like``."""
+        sql = f"SELECT relpath, extra FROM images WHERE root = ? AND part = 0 AND extra LIKE ? AND {_VISIBLE}"
+        rows = self.conn().execute(sql, (root, f"%{like}%", gen, gen))
+        return {rel: json.loads(extra) for rel, extra in rows}
 
     def max_id(self) -> int:
         value = self.meta("next_id")
@@ -193,12 +255,13 @@ class MetaStore:
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"row fields must be JSON-serialisable: {exc}") from exc
             added_at = float(row.get("added_at", now))
-            records.append((int(rid), *fields, added_at, seg, int(off), gen, extra_json))
+            part = int(row.get("part") or 0)
+            records.append((int(rid), *fields, added_at, seg, int(off), gen, extra_json, part))
         conn = self.conn()
         with conn:
             conn.executemany(
                 "INSERT INTO images (id, root, relpath, size, mtime_ns, hash, width, height, added_at,"
-                " seg, off, gen_added, extra) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " seg, off, gen_added, extra, part) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 records,
             )
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('next_id', ?)", (str(int(max(ids)) + 1),))

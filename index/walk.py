@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,6 +114,7 @@ class WorkItem:
     relpath: str
     old_id: int | None = None
     expect_hash: str | None = None
+    old_parts: list[int] = field(default_factory=list)  #: the old row's segment rows (videos)
 
     @property
     def path(self) -> str:
@@ -136,9 +137,15 @@ def plan_root(
     existing: dict[str, tuple[int, int, int, str]],
     failures: dict[str, tuple[int, int, str, str]],
     plan: Plan,
+    parts: dict[str, list[int]] | None = None,
+    stale: Container[str] = (),
 ) -> None:
     """Compare one root's files with its rows: unchanged (same size and mtime) files are skipped,
-    same size but new mtime is re-checked by content hash, anything else is (re-)read."""
+    same size but new mtime is re-checked by content hash, anything else is (re-)read.
+
+    ``parts`` maps a relpath to its extra (segment) row ids, replaced or deleted with the file's row;
+    relpaths in ``stale`` are re-read even when unchanged (e.g. built with other segment settings)."""
+    parts = parts or {}
     seen = set()
     for e in entries:
         plan.scanned += 1
@@ -146,16 +153,25 @@ def plan_root(
         known = existing.get(e.relpath)
         if known is not None:
             rid, size, mtime_ns, digest = known
-            if size == e.size and mtime_ns == e.mtime_ns:
+            old_parts = list(parts.get(e.relpath, ()))
+            if e.relpath in stale:
+                plan.work.append(WorkItem(e.root, e.relpath, rid, old_parts=old_parts))
+            elif size == e.size and mtime_ns == e.mtime_ns:
                 plan.unchanged += 1
             elif size == e.size and digest:
-                plan.work.append(WorkItem(e.root, e.relpath, rid, digest))
+                plan.work.append(WorkItem(e.root, e.relpath, rid, digest, old_parts))
             else:
-                plan.work.append(WorkItem(e.root, e.relpath, rid))
+                plan.work.append(WorkItem(e.root, e.relpath, rid, old_parts=old_parts))
             continue
         bad = failures.get(e.relpath)
         if bad is not None and bad[:2] == (e.size, e.mtime_ns) and bad[2] != "unreadable":
             plan.known_bad.append((e.path, bad[2], bad[3]))
             continue
         plan.work.append(WorkItem(e.root, e.relpath))
-    plan.deleted.extend(rid for rel, (rid, *_rest) in existing.items() if rel not in seen)
+    for rel, (rid, *_rest) in existing.items():
+        if rel not in seen:
+            plan.deleted.extend([rid, *parts.get(rel, ())])
+    # segment rows whose file row is gone (cannot happen through the builder; cleaned up anyway)
+    plan.deleted.extend(
+        i for rel, ids in parts.items() if rel not in existing and rel not in seen for i in ids
+    )

@@ -1,9 +1,13 @@
 #!/usr/bin/env python
-"""Index image folders into a FAISS + SQLite index, incrementally and resumably.
+"""Index image and video folders into a FAISS + SQLite index, incrementally and resumably.
 
     python scripts/build_index.py FOLDER [FOLDER ...] --index DIR --model PATH [--mode internvl-c|internvl-g]
         [--batch-size N] [--workers N] [--index-type auto|flat|ivf-flat|ivf-pq|hnsw] [--device cpu|cuda]
-        [--prune] [--max-pixels N]
+        [--prune] [--max-pixels N] [--video-segments SECONDS] [--max-video-seconds S] [--no-videos]
+
+Videos (mp4, mov, mkv, webm, avi, m4v) get one row each (mean embedding of 8 uniformly sampled frames,
+``kind: "video"``) and, with ``--video-segments S``, one row per S-second segment (``kind: "segment"``,
+``t_start`` / ``t_end`` in seconds).
 
 Progress goes to stderr; the last line on stdout is a JSON summary
 ``{"scanned", "added", "updated", "removed", "skipped", "seconds", "images_per_s", ...}``. Skipped files
@@ -22,6 +26,10 @@ from index import IndexFormatError, IndexLockedError, IndexMismatchError
 from index.faiss_index import INDEX_TYPES
 from retrieval.devices import DTYPE_HELP, dtype_arg
 from retrieval.images import DEFAULT_MAX_PIXELS
+
+#: the builder's defaults, repeated here so that ``--help`` needs no heavy import (tested equal)
+DEFAULT_MAX_VIDEO_SECONDS = 3 * 3600.0
+DEFAULT_MAX_VIDEO_BYTES = 8 << 30
 
 logger = logging.getLogger("build_index")
 
@@ -58,6 +66,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="N",
         help=f"skip images with more pixels (decompression-bomb guard, default {DEFAULT_MAX_PIXELS})",
     )
+    p.add_argument(
+        "--video-segments",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="also index each video in segments of this many seconds (rows with t_start / t_end)",
+    )
+    p.add_argument(
+        "--max-video-seconds",
+        type=float,
+        default=DEFAULT_MAX_VIDEO_SECONDS,
+        metavar="S",
+        help=f"skip longer videos (default {DEFAULT_MAX_VIDEO_SECONDS:g})",
+    )
+    p.add_argument(
+        "--max-video-bytes",
+        type=int,
+        default=DEFAULT_MAX_VIDEO_BYTES,
+        metavar="N",
+        help=f"skip larger video files (default {DEFAULT_MAX_VIDEO_BYTES})",
+    )
+    p.add_argument("--no-videos", action="store_true", help="index images only")
     p.add_argument("--commit-every", type=int, default=1024, metavar="N", help="images per committed chunk")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--verbose", "-v", action="store_true")
@@ -66,6 +96,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("batch_size", "commit_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.video_segments is not None and not args.video_segments > 0:
+        p.error("--video-segments must be > 0")
+    if not args.max_video_seconds > 0 or args.max_video_bytes < 1:
+        p.error("--max-video-seconds and --max-video-bytes must be positive")
     if args.workers is not None and args.workers < 0:
         p.error("--workers must be >= 0")
     return args
@@ -99,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
             commit_every=args.commit_every,
             progress=not args.no_progress,
             throttle=args.throttle,
+            videos=not args.no_videos,
+            video_segments=args.video_segments,
+            max_video_seconds=args.max_video_seconds,
+            max_video_bytes=args.max_video_bytes,
         )
     except KeyboardInterrupt:
         print("interrupted; committed work is kept, re-run to finish", file=sys.stderr)

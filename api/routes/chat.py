@@ -10,13 +10,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from fastapi import APIRouter, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from PIL import Image
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
 
 from api.deps import AuthDep, ServiceDep
 from api.limits import GatedStreamingResponse, on_thread, unless_disconnected, watching
 from api.routes import error_responses
-from api.routes.search import retrieve_images
+from api.routes.search import _form_image, _form_integer, retrieve_images
 from api.schemas import MIN_SAMPLING_TEMPERATURE, ChatRequest, ChatResponse, Source
 from api.service import Service, decode_base64_image
 from chat.video import VideoDecodeError, probe_video, video_prefix
@@ -100,7 +103,7 @@ async def _images(service: Service, req: ChatRequest) -> list[Image.Image] | Non
 Video = tuple[torch.Tensor, list[int]]
 
 
-def _load_video(service: Service, raw: bytes, req: ChatRequest) -> Video:
+def _load_video(service: Service, raw: bytes, num_segments: int, max_num_tiles: int | None) -> Video:
     """Worker thread: check the video against the limits (demuxing only), then sample and tile its frames
     exactly as ``ChatModel.chat(video=...)`` does."""
     s = service.settings
@@ -113,23 +116,141 @@ def _load_video(service: Service, raw: bytes, req: ChatRequest) -> Video:
         raise HTTPException(
             422, f"the video is {info.duration:.1f} s long; the limit is {s.max_video_duration_s:g} s"
         )
-    return service.chat_model.load_video(raw, num_segments=req.num_segments, max_num_tiles=req.max_num_tiles)
+    return service.chat_model.load_video(raw, num_segments=num_segments, max_num_tiles=max_num_tiles)
 
 
-async def _video(service: Service, req: ChatRequest, request: Request) -> Video | None:
-    """The request's video decoded off the event loop (413 over the size limit, 422 when undecodable)."""
-    if req.video is None:
-        return None
-    raw = decode_base64_image(req.video, "video")
+async def decode_video(
+    service: Service,
+    data: str | bytes,
+    field_name: str,
+    num_segments: int,
+    max_num_tiles: int | None,
+    request: Request,
+) -> Video:
+    """A video file's bytes, or base64 (or a ``data:`` URL) of one -> its sampled, tiled frames, decoded off
+    the event loop: 413 over the size limit, 422 over the duration/frame limits or undecodable (with the
+    reason)."""
+    raw = data if isinstance(data, bytes) else decode_base64_image(data, field_name)
     limit = service.settings.max_video_bytes
     if len(raw) > limit:
         raise HTTPException(413, f"the video is {len(raw)} bytes; the limit is {limit} bytes")
     try:
-        return await unless_disconnected(request, run_in_threadpool(_load_video, service, raw, req))
+        return await unless_disconnected(
+            request, run_in_threadpool(_load_video, service, raw, num_segments, max_num_tiles)
+        )
     except VideoDecodeError as exc:
-        logger.info("rejected a /chat video (%s): %s", exc.reason, exc)
+        logger.info("rejected a video in %s (%s): %s", field_name, exc.reason, exc)
         detail = {"reason": exc.reason, "message": f"cannot decode the video: {exc}"}
         raise HTTPException(422, detail) from exc
+
+
+async def _video(service: Service, req: ChatRequest, raw: bytes | None, request: Request) -> Video | None:
+    """The request's video (its uploaded bytes ``raw``, or base64 in ``video``), if any."""
+    if req.video is None:
+        return None
+    data = raw if raw is not None else req.video
+    return await decode_video(service, data, "video", req.num_segments, req.max_num_tiles, request)
+
+
+# ---------------------------------------------------------------------------------------------- body
+_UPLOAD_MARK = "<multipart upload>"
+#: custom string format of multipart video file parts: schemathesis hooks generate real videos for it
+VIDEO_FILE_FORMAT = "video-binary"
+_JSON_SCHEMA = ChatRequest.model_json_schema()
+
+
+def _multipart_schema() -> dict[str, Any]:
+    """multipart/form-data: a ``video`` file and the question with the video options (ChatRequest's)."""
+    props = _JSON_SCHEMA["properties"]
+    fields: dict[str, Any] = {
+        name: dict(props[name])
+        for name in ("question", "num_segments", "max_new_tokens", "temperature", "stream")
+    }
+    tiles = props["max_num_tiles"]
+    fields["max_num_tiles"] = next(b for b in tiles.get("anyOf", [tiles]) if b.get("type") == "integer")
+    fields["video"] = {
+        "type": "string", "format": VIDEO_FILE_FORMAT, "contentMediaType": "video/*",
+        "description": "the video file (mp4, mkv, webm, ...)",
+    }  # fmt: skip
+    return {"type": "object", "properties": fields, "required": ["question", "video"],
+            "additionalProperties": False}  # fmt: skip
+
+
+_MULTIPART_SCHEMA = _multipart_schema()
+_OPENAPI_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": _JSON_SCHEMA},
+            "multipart/form-data": {
+                "schema": _MULTIPART_SCHEMA,
+                "encoding": {"video": {"contentType": "video/*"}},
+            },
+        },
+    }
+}
+
+
+def _validate(data: dict[str, Any] | bytes) -> ChatRequest:
+    try:
+        if isinstance(data, bytes):
+            return ChatRequest.model_validate_json(data)
+        return ChatRequest.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False, include_input=False)) from exc
+
+
+def _form_value(key: str, value: str) -> Any:
+    """A form field as its JSON type (form fields are text); what does not parse is left for validation.
+    ``null`` (JSON's null as form serialisations of OpenAPI bodies write it) is refused."""
+    if value == "null":
+        raise HTTPException(422, f"form field '{key}' must not be null")
+    kind = _MULTIPART_SCHEMA["properties"][key].get("type")
+    if kind == "integer":
+        return _form_integer(value)
+    if kind == "boolean":
+        return {"true": True, "false": False}.get(value.strip().lower(), value)
+    if kind == "number":
+        try:
+            return float(value.strip())
+        except ValueError:
+            return value
+    return value
+
+
+async def _parse(request: Request) -> tuple[ChatRequest, bytes | None]:
+    """The request (JSON, or multipart with a ``video`` file) and the uploaded video's bytes, if any."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        try:
+            form = await request.form(max_files=1, max_fields=len(_MULTIPART_SCHEMA["properties"]))
+        except ValueError as exc:  # python-multipart's parse errors (older Starlette lets them through)
+            raise HTTPException(400, f"malformed multipart body: {exc}") from exc
+        fields: dict[str, Any] = {}
+        raw: bytes | None = None
+        for key, value in form.multi_items():
+            if key in fields:
+                raise HTTPException(422, f"form field '{key}' given more than once")
+            if key not in _MULTIPART_SCHEMA["properties"]:
+                raise HTTPException(422, f"unexpected form field '{key}' (multipart /chat takes a video)")
+            if isinstance(value, UploadFile):
+                if key != "video":
+                    raise HTTPException(422, f"unexpected file field '{key}' (only 'video' is a file)")
+                raw = await value.read()
+                fields[key] = _UPLOAD_MARK
+            else:
+                fields[key] = _form_value(key, value)
+        req = _validate(fields)
+        if req.video is None:
+            raise HTTPException(422, "a multipart /chat request needs a 'video' file")
+        if raw is None:
+            raw = _form_image(req.video, "video")
+        return req, raw
+    if content_type and content_type != "application/json" and not content_type.endswith("+json"):
+        raise HTTPException(
+            415, f"unsupported content type '{content_type}': send JSON or multipart/form-data"
+        )
+    return _validate(await request.body()), None
 
 
 def _video_question(req: ChatRequest, n_frames: int) -> tuple[str, list[tuple[str, str]] | None]:
@@ -261,15 +382,17 @@ async def _event_stream(service: Service, sources: list[dict], pieces: Iterator[
     "/chat",
     response_model=ChatResponse,
     dependencies=[AuthDep],
-    description=_SSE_DOC,
+    description=_SSE_DOC + " A video can also be uploaded as a multipart/form-data `video` file.",
+    openapi_extra=_OPENAPI_BODY,
     responses={
         200: {"content": {"text/event-stream": {"schema": _SSE_EVENT}}},
-        **error_responses(400, 401, 413, 422, 429, 503),
+        **error_responses(400, 401, 413, 415, 422, 429, 503),
     },
 )
-async def chat(req: ChatRequest, request: Request, service: ServiceDep) -> Any:
-    """Answer ``question`` from ``images``, a ``video`` (``num_segments`` frames) or from the top ``k``
-    indexed images (``sources``)."""
+async def chat(request: Request, service: ServiceDep) -> Any:
+    """Answer ``question`` from ``images``, a ``video`` (base64, or a multipart file; ``num_segments``
+    frames) or from the top ``k`` indexed images (``sources``)."""
+    req, raw = await _parse(request)
     if service.chat_model is None:
         raise HTTPException(
             503, "chat is not configured: start the server with --chat-model PATH (IVL_CHAT_MODEL)"
@@ -278,7 +401,7 @@ async def chat(req: ChatRequest, request: Request, service: ServiceDep) -> Any:
     streaming = False
     try:
         images = await _images(service, req)
-        video = await _video(service, req, request)
+        video = await _video(service, req, raw, request)
         retrieved: Retrieved | None = None
         if images is None and video is None:  # retrieval: micro-batched encoding, index-thread search
             service.require_encoder()

@@ -34,6 +34,7 @@ from api.errors import _clean_errors
 from api.limits import GatedStreamingResponse, unless_disconnected, watching
 from api.openai_schemas import (
     DATA_URL_PATTERN,
+    VIDEO_DATA_URL_PATTERN,
     AssistantMessage,
     ChatCompletion,
     ChatCompletionRequest,
@@ -50,9 +51,12 @@ from api.openai_schemas import (
     SystemMessage,
     TextPart,
     Usage,
+    VideoPart,
 )
+from api.routes.chat import Video, decode_video
 from api.schemas import MIN_SAMPLING_TEMPERATURE, Source
 from api.service import Service, decode_base64_image
+from chat.video import video_prefix
 from retrieval.images import ImageDecodeError
 
 logger = logging.getLogger(__name__)
@@ -77,8 +81,8 @@ _DESCRIPTIONS = {
     400: "invalid request (bad field, n != 1, a limit exceeded, URL not allowed)",
     401: "missing or wrong API key",
     404: "unknown model",
-    413: "request body too large",
-    422: "undecodable image or image over the pixel limit",
+    413: "request body or video too large",
+    422: "undecodable image or video, or over the pixel, video duration or frame limits",
     429: "overloaded: too many requests queued; retry after Retry-After seconds",
     503: "model or index not configured",
 }
@@ -300,7 +304,7 @@ class _Plan:
 
     question: str
     history: list[tuple[str, str]] | None
-    images: list[Image.Image]
+    images: list[Image.Image | Video]  # images and decoded videos (their tiled frames), in prompt order
     max_tiles: list[int | None]
     system_message: str | None
     last_text: str
@@ -313,14 +317,45 @@ def _text_of(content: Any) -> str:
     return "\n".join(part.text for part in content if isinstance(part, TextPart))
 
 
-def _prefix(n_images: int) -> str:
-    """The model cards' convention: ``<image>\\n`` for one image, ``Image-i: <image>\\n`` for several."""
-    if n_images == 1:
+def _prefix(media: list[Image.Image | Video]) -> str:
+    """The model cards' conventions: ``<image>\\n`` for one image, ``Image-i: <image>\\n`` for several,
+    ``Frame1: <image>\\n...FrameN: <image>\\n`` for a video (one placeholder per sampled frame)."""
+    if len(media) == 1 and isinstance(media[0], Image.Image):
         return "<image>\n"
-    return "".join(f"Image-{i + 1}: <image>\n" for i in range(n_images))
+    out, n_images = [], 0
+    for item in media:
+        if isinstance(item, Image.Image):
+            n_images += 1
+            out.append(f"Image-{n_images}: <image>\n")
+        else:
+            out.append(video_prefix(len(item[1])))
+    return "".join(out)
 
 
-async def _plan(service: Service, req: ChatCompletionRequest) -> _Plan:
+async def _load_video(service: Service, part: VideoPart, param: str, request: Request) -> Video:
+    """A ``video_url`` part's data: URL sampled and tiled as ``ChatModel.chat(video=...)`` does, with /chat's
+    size, duration and frame limits; errors are OpenAI envelopes naming the part."""
+    url = part.video_url.url
+    if re.match(VIDEO_DATA_URL_PATTERN, url) is None:
+        raise OpenAIError(400, "video_url.url must be a data:video/...;base64,... URL", param=param)
+    wanted = part.video_url.max_dynamic_patch
+    tiles = 1 if wanted is None else min(wanted, service.settings.max_dynamic_patch_limit)
+    try:
+        return await decode_video(service, url, param, part.video_url.num_segments, tiles, request)
+    except HTTPException as exc:
+        detail = exc.detail
+        message = detail["message"] if isinstance(detail, dict) else str(detail)
+        code = (
+            "invalid_video"
+            if isinstance(detail, dict)
+            else "video_too_large"
+            if exc.status_code == 413
+            else "video_over_limit"
+        )
+        raise OpenAIError(exc.status_code, message, param=param, code=code) from exc
+
+
+async def _plan(service: Service, req: ChatCompletionRequest, request: Request) -> _Plan:
     """Messages -> (question, history, images in order, system message); consecutive same-role messages
     are joined, a missing user turn is an empty question."""
     s = service.settings
@@ -340,29 +375,35 @@ async def _plan(service: Service, req: ChatCompletionRequest) -> _Plan:
             if texts:
                 turns[-1][1].append("\n".join(texts))
             turns[-1][2].extend(
-                (f"messages.{i}.content.{j}.image_url", p.image_url)
-                for j, p in enumerate(msg.content) if isinstance(p, ImagePart)
+                (f"messages.{i}.content.{j}.{p.type}", p)
+                for j, p in enumerate(msg.content) if isinstance(p, ImagePart | VideoPart)
             )  # fmt: skip
     n_images = sum(len(t[2]) for t in turns)
     if n_images > s.max_images_per_request:
         raise OpenAIError(
-            400, f"{n_images} images in this request; the limit is {s.max_images_per_request}",
+            400, f"{n_images} images and videos in this request; the limit is {s.max_images_per_request}",
             param="messages", code="too_many_images",
         )  # fmt: skip
     pairs: list[tuple[str, str]] = []
     question, last_text = "", ""
     pending: str | None = None
-    images: list[Image.Image] = []
+    images: list[Image.Image | Video] = []
     max_tiles: list[int | None] = []
     for role, texts, parts in turns:
         text = "\n".join(texts)
         if role == "user":
-            for param, image_url in parts:
-                images.append(await _load_image(service, image_url.url, param))
-                wanted = image_url.max_dynamic_patch
+            media: list[Image.Image | Video] = []
+            for param, part in parts:
+                if isinstance(part, VideoPart):
+                    media.append(await _load_video(service, part, param, request))
+                    max_tiles.append(None)
+                    continue
+                media.append(await _load_image(service, part.image_url.url, param))
+                wanted = part.image_url.max_dynamic_patch
                 max_tiles.append(None if wanted is None else min(wanted, s.max_dynamic_patch_limit))
+            images.extend(media)
             last_text = text
-            pending = (_prefix(len(parts)) if parts and "<image>" not in text else "") + text
+            pending = (_prefix(media) if media and "<image>" not in text else "") + text
         else:
             pairs.append((pending if pending is not None else "", text))
             pending = None
@@ -437,12 +478,18 @@ def _start(service: Service, plan: _Plan, req: ChatCompletionRequest, cancelled:
     s = service.settings
     pixel_values, patches = None, None
     if plan.images:
-        tiled = [model.tile_images([img], m) for img, m in zip(plan.images, plan.max_tiles, strict=True)]
+        tiled = [
+            model.tile_images([img], m) if isinstance(img, Image.Image) else img
+            for img, m in zip(plan.images, plan.max_tiles, strict=True)
+        ]
         pixel_values = torch.cat([t[0] for t in tiled])
         patches = [n for t in tiled for n in t[1]]
-        if sum(patches) > s.max_tiles_per_request:
+        n_image_tiles = sum(
+            n for img, t in zip(plan.images, tiled, strict=True) if isinstance(img, Image.Image) for n in t[1]
+        )  # video frames are bounded by num_segments and the tile limit per frame, as on /chat
+        if n_image_tiles > s.max_tiles_per_request:
             raise OpenAIError(
-                400, f"{sum(patches)} image tiles in this request; the limit is {s.max_tiles_per_request}",
+                400, f"{n_image_tiles} image tiles in this request; the limit is {s.max_tiles_per_request}",
                 param="messages", code="too_many_tiles",
             )  # fmt: skip
     try:
@@ -571,7 +618,8 @@ def _usage(run: _Run) -> Usage:
     response_model=ChatCompletion,
     response_model_exclude_none=True,
     dependencies=[AuthDep],
-    description="OpenAI chat completions with images (data: URLs); `stream: true` answers server-sent "
+    description="OpenAI chat completions with images and videos (`image_url` / vLLM's `video_url` parts, "
+    "data: URLs); `stream: true` answers server-sent "
     "`chat.completion.chunk` events ending with `data: [DONE]`. Extension: `retrieval: {k}` answers over "
     "the top-k indexed images and returns them in `sources`.",
     responses={
@@ -596,7 +644,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, service
     service.chat_gate.acquire()
     streaming = False
     try:
-        plan = await _plan(service, req)
+        plan = await _plan(service, req, request)
         if req.retrieval is not None:
             await _retrieve(service, plan, req.retrieval.k)
         cancelled = threading.Event()

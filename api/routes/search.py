@@ -76,13 +76,13 @@ def _form_integer(value: str) -> int | str:
         return value  # refused by validation, with the field's name
 
 
-def _form_image(value: str) -> bytes:
-    """An ``image`` form part sent without a filename: base64 text, or the file's bytes themselves.
+def _form_image(value: str, field_name: str = "image") -> bytes:
+    """An ``image`` (or video) form part sent without a filename: base64 text, or the file's bytes themselves.
 
     Starlette hands such a part over as text, decoded as UTF-8 or, failing that, as Latin-1; image files
     are never valid UTF-8 (PNG, JPEG, GIF, WebP headers), so Latin-1 gives their bytes back exactly."""
     try:
-        return decode_base64_image(value)
+        return decode_base64_image(value, field_name)
     except HTTPException:
         try:
             raw = value.encode("latin-1")

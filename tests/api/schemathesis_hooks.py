@@ -1,5 +1,5 @@
 """Schemathesis hooks (``SCHEMATHESIS_HOOKS=schemathesis_hooks``): schema-valid images are real images,
-schema-valid videos (format ``video-byte``) real videos.
+schema-valid videos (formats ``video-byte``, ``video-data-url``, ``video-binary``) real videos.
 
 The OpenAPI document says an ``image`` is base64 (``format: byte``) of an image file (``contentMediaType:
 image/*``), and multipart uploads are ``image/*``. JSON schema cannot say "decodes as an image", so the
@@ -61,3 +61,12 @@ video_files = st.tuples(st.integers(1, 12), st.sampled_from([16, 32]), st.sample
 schemathesis.openapi.format(
     VIDEO_FORMAT, video_files.map(_encode_video).map(lambda data: base64.b64encode(data).decode())
 )
+# video_url.url of /v1/chat/completions: data: URLs of real (tiny) videos
+schemathesis.openapi.format(
+    "video-data-url",
+    video_files.map(_encode_video).map(
+        lambda data: f"data:video/mp4;base64,{base64.b64encode(data).decode()}"
+    ),
+)
+# multipart /chat: the video file part itself
+schemathesis.openapi.format("video-binary", video_files.map(_encode_video))

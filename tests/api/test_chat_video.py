@@ -135,3 +135,40 @@ def test_video_limits_are_4xx(tmp_path_factory: pytest.TempPathFactory, chat_mod
         r = httpx.post(base + "/chat", json=_body(case, "what happens?"), timeout=60)
         assert r.status_code == status, r.text
         assert word in r.json()["detail"], r.text
+
+
+def _form(case: dict, question: str, **extra: object) -> dict[str, str]:
+    body = _body(case, question, **extra)
+    return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in body.items() if k != "video"}
+
+
+@pytest.mark.parametrize("name", CHAT_CASES)
+def test_multipart_video_upload_answers_as_json(url: str, name: str) -> None:
+    case = CASES[name]
+    first = case["chat"]["turns"][0]
+    files = {"video": (case["video"], _video(case), "video/mp4")}
+    r = httpx.post(url + "/chat", data=_form(case, _first_question(case)), files=files, timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"answer": first["response"], "sources": []}
+    r = httpx.post(
+        url + "/chat", data=_form(case, _first_question(case), stream=True), files=files, timeout=120
+    )
+    assert r.status_code == 200, r.text
+    assert _sse_text(r.text) == first["response"]
+
+
+def test_multipart_validation(url: str) -> None:
+    case = CASES[CHAT_CASES[0]]
+    files = {"video": ("v.mp4", _video(case), "video/mp4")}
+    bad_forms = [
+        ({"question": "what?"}, None),  # no video
+        ({"question": "what?", "k": "3"}, files),  # not a multipart field
+        ({"question": "what?", "num_segments": "65"}, files),
+        ({"question": "what?", "stream": "maybe"}, files),
+        ({"question": "what?"}, {"video": ("v.mp4", b"not a video" * 8, "video/mp4")}),
+    ]
+    for data, upload in bad_forms:
+        r = httpx.post(url + "/chat", data=data, files=upload, timeout=60)
+        assert r.status_code == 422, (data, r.text)
+    r = httpx.post(url + "/chat", content=b"question", headers={"content-type": "text/plain"}, timeout=60)
+    assert r.status_code == 415, r.text
