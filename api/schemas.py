@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
@@ -125,10 +125,17 @@ class SearchRequest(BaseModel):
         return self
 
 
+#: what an index row holds: an image, a whole video, or a ``[t_start, t_end)`` segment of a video
+RowKind = Literal["image", "video", "segment"]
+
+
 class SearchResult(BaseModel):
     id: int
     path: str
     score: float
+    kind: RowKind = Field("image", description="'image', 'video' (a whole video) or 'segment' (of a video)")
+    t_start: float | None = Field(None, description="video and segment rows: start in seconds (else null)")
+    t_end: float | None = Field(None, description="video and segment rows: end in seconds (else null)")
 
 
 class SearchResponse(BaseModel):
@@ -137,12 +144,16 @@ class SearchResponse(BaseModel):
 
 
 class ClassifyRequest(BaseModel):
-    """Zero-shot classification of one image (``image`` or ``image_id``) over ``labels``."""
+    """Zero-shot classification of one image (``image`` or ``image_id``) or video (``video``, or the
+    ``image_id`` of a video / segment row: its frame-averaged embedding) over ``labels``."""
 
-    model_config = ConfigDict(extra="forbid", **exactly_one_of("image", "image_id"))
+    model_config = ConfigDict(extra="forbid", **exactly_one_of("image", "image_id", "video"))
 
     image: ImageB64 | None = None
-    image_id: ImageId | None = None
+    image_id: ImageId | None = Field(None, description="id of an indexed image, video or video segment")
+    video: VideoB64 | None = Field(
+        None, description="a video: classified by the mean embedding of uniformly sampled frames"
+    )
     labels: list[Label] = Field(min_length=2, max_length=1000, json_schema_extra={"uniqueItems": True})
     templates: list[Template] | None = Field(
         None, min_length=1, max_length=100, description="prompt templates with '{}' for the label"
@@ -150,7 +161,7 @@ class ClassifyRequest(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> ClassifyRequest:
-        _exactly_one(self, ("image", "image_id"))
+        _exactly_one(self, ("image", "image_id", "video"))
         if len(set(self.labels)) != len(self.labels):
             raise ValueError("labels must be unique")
         prompts = len(self.labels) * len(self.templates or DEFAULT_TEMPLATES)

@@ -103,9 +103,9 @@ async def _images(service: Service, req: ChatRequest) -> list[Image.Image] | Non
 Video = tuple[torch.Tensor, list[int]]
 
 
-def _load_video(service: Service, raw: bytes, num_segments: int, max_num_tiles: int | None) -> Video:
-    """Worker thread: check the video against the limits (demuxing only), then sample and tile its frames
-    exactly as ``ChatModel.chat(video=...)`` does."""
+def check_video_limits(service: Service, raw: bytes) -> None:
+    """Worker thread: 422 when the video is over the frame or duration limits (demuxes it, decodes nothing;
+    raises :class:`VideoDecodeError` when it is not a video)."""
     s = service.settings
     info = probe_video(raw, max_pixels=s.max_pixels)
     if info.frame_count > s.max_video_frames:
@@ -116,7 +116,28 @@ def _load_video(service: Service, raw: bytes, num_segments: int, max_num_tiles: 
         raise HTTPException(
             422, f"the video is {info.duration:.1f} s long; the limit is {s.max_video_duration_s:g} s"
         )
+
+
+def _load_video(service: Service, raw: bytes, num_segments: int, max_num_tiles: int | None) -> Video:
+    """Worker thread: check the video against the limits (demuxing only), then sample and tile its frames
+    exactly as ``ChatModel.chat(video=...)`` does."""
+    check_video_limits(service, raw)
     return service.chat_model.load_video(raw, num_segments=num_segments, max_num_tiles=max_num_tiles)
+
+
+def video_bytes(service: Service, data: str | bytes, field_name: str) -> bytes:
+    """A video file's bytes from bytes or base64 (or a ``data:`` URL): 413 over the size limit."""
+    raw = data if isinstance(data, bytes) else decode_base64_image(data, field_name)
+    limit = service.settings.max_video_bytes
+    if len(raw) > limit:
+        raise HTTPException(413, f"the video is {len(raw)} bytes; the limit is {limit} bytes")
+    return raw
+
+
+def video_error(exc: VideoDecodeError, field_name: str) -> HTTPException:
+    """The 422 of an undecodable video, with its reason."""
+    logger.info("rejected a video in %s (%s): %s", field_name, exc.reason, exc)
+    return HTTPException(422, {"reason": exc.reason, "message": f"cannot decode the video: {exc}"})
 
 
 async def decode_video(
@@ -130,18 +151,13 @@ async def decode_video(
     """A video file's bytes, or base64 (or a ``data:`` URL) of one -> its sampled, tiled frames, decoded off
     the event loop: 413 over the size limit, 422 over the duration/frame limits or undecodable (with the
     reason)."""
-    raw = data if isinstance(data, bytes) else decode_base64_image(data, field_name)
-    limit = service.settings.max_video_bytes
-    if len(raw) > limit:
-        raise HTTPException(413, f"the video is {len(raw)} bytes; the limit is {limit} bytes")
+    raw = video_bytes(service, data, field_name)
     try:
         return await unless_disconnected(
             request, run_in_threadpool(_load_video, service, raw, num_segments, max_num_tiles)
         )
     except VideoDecodeError as exc:
-        logger.info("rejected a video in %s (%s): %s", field_name, exc.reason, exc)
-        detail = {"reason": exc.reason, "message": f"cannot decode the video: {exc}"}
-        raise HTTPException(422, detail) from exc
+        raise video_error(exc, field_name) from exc
 
 
 async def _video(service: Service, req: ChatRequest, raw: bytes | None, request: Request) -> Video | None:

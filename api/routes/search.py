@@ -148,10 +148,29 @@ async def search_index(service: Service, index: Any, vector: np.ndarray, k: int)
     query = np.asarray(vector, dtype=np.float32).reshape(1, -1)
     _, _, rows = await holder.run(index.search, query, k)
     return [
-        SearchResult(id=int(r["id"]), path=str(r["path"]), score=float(r["score"]))
+        _result(r)
         for r in rows[0]
         if r is not None and int(r["id"]) >= 0 and math.isfinite(float(r["score"]))
     ]
+
+
+def _seconds(value: Any) -> float | None:
+    return float(value) if value is not None else None
+
+
+def _result(row: dict[str, Any]) -> SearchResult:
+    """One index row as a search result: images have kind "image" and no times (rows of indexes built
+    before videos carry no ``kind``)."""
+    kind = row.get("kind") or "image"
+    timed = kind != "image"
+    return SearchResult(
+        id=int(row["id"]),
+        path=str(row["path"]),
+        score=float(row["score"]),
+        kind=kind,
+        t_start=_seconds(row.get("t_start")) if timed else None,
+        t_end=_seconds(row.get("t_end")) if timed else None,
+    )
 
 
 async def retrieve_images(
@@ -168,15 +187,19 @@ async def retrieve_images(
     images: list[Image.Image] = []
     sources: list[dict[str, Any]] = []
     for row in rows:
+        if row.kind != "image":  # a video or a segment: /chat grounds on images only
+            logger.debug("skipping retrieved %s id=%s: not an image", row.kind, row.id)
+            continue
         try:
             images.append(await asyncio.to_thread(open_image, row.path))
         except ImageDecodeError as exc:
             logger.warning("skipping retrieved image id=%s path=%s: %s", row.id, row.path, exc)
             continue
-        sources.append(row.model_dump())
-    if len(images) < len(rows):
-        skipped = len(rows) - len(images)
-        logger.warning("%d of %d retrieved images were unreadable and skipped", skipped, len(rows))
+        sources.append(row.model_dump(include={"id", "path", "score"}))
+    image_rows = sum(row.kind == "image" for row in rows)
+    if len(images) < image_rows:
+        skipped = image_rows - len(images)
+        logger.warning("%d of %d retrieved images were unreadable and skipped", skipped, image_rows)
     return images, sources
 
 

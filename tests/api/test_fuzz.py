@@ -117,4 +117,5 @@ def test_openapi_exactly_one_query_field() -> None:
 
     branches = SearchRequest.model_json_schema()["oneOf"]
     assert [b["required"] for b in branches] == [["text"], ["image"], ["image_id"]]
-    assert [b["required"] for b in ClassifyRequest.model_json_schema()["oneOf"]] == [["image"], ["image_id"]]
+    branches = ClassifyRequest.model_json_schema()["oneOf"]
+    assert [b["required"] for b in branches] == [["image"], ["image_id"], ["video"]]

@@ -301,3 +301,65 @@ def test_text_search_finds_the_video_moment(tmp_path):
             segments = [r for r in results[0] if r["kind"] == "segment"]
             top = segments[0]
             assert (os.path.basename(top["path"]), top["t_start"]) == ("scenes.mp4", start), text
+
+
+def _video_rows(index_dir) -> list[tuple[str, str, float, float]]:
+    """``(path, kind, t_start, t_end)`` of every row, sorted (duplicates kept)."""
+    try:
+        rows = rows_of(index_dir)
+    except Exception:  # noqa: BLE001 - not created yet / mid-creation
+        return []
+    return sorted((r["path"], r["kind"], r["t_start"], r["t_end"]) for r in rows)
+
+
+def test_sigkill_mid_video_then_rerun_gives_the_clean_set(tmp_path, encoder):
+    """The real CLI, SIGKILLed while it embeds a video, then re-run: exactly a clean run's rows."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_index_cli import SCRIPT, cli_args
+
+    folder = tmp_path / "clips"
+    n_videos, seconds = 5, 12
+    for i in range(n_videos):  # 8 + 12 * 8 frames each, one per forward pass (--batch-size 1): slow
+        make_clip(folder / f"v{i}.mp4", seconds * FPS, seed=10 + i, size=(160, 120))
+    index_dir, clean_dir = tmp_path / "index", tmp_path / "clean"
+    args = cli_args(folder, index_dir, "--video-segments", "1", "--batch-size", "1", "--commit-every", "1",
+                    "--no-progress", "--workers", "0")  # fmt: skip
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 120
+    partial: list = []
+    while proc.poll() is None and time.monotonic() < deadline:
+        partial = _video_rows(index_dir)
+        if any(kind == "video" for _, kind, _, _ in partial):
+            break  # the first video is committed: the next one is being read and embedded now
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    time.sleep(0.1)  # well inside the next video's embedding
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = _video_rows(index_dir)
+    done = {p for p, kind, _, _ in partial if kind == "video"}
+    assert 1 <= len(done) < n_videos
+    # only whole videos were committed: each has its video row and all its segments, nothing else
+    assert len(partial) == len(done) * (1 + seconds) and {p for p, *_ in partial} == done
+
+    rerun = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    summary = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert (summary["added"], summary["unchanged"]) == (n_videos - len(done), len(done))
+    assert summary["videos"] == n_videos - len(done)
+
+    build([folder], clean_dir, encoder, video_segments=1.0)
+    final, clean = _video_rows(index_dir), _video_rows(clean_dir)
+    assert final == clean and len(final) == len(set(final)) == n_videos * (1 + seconds)
+    with Index.open(index_dir) as resumed, Index.open(clean_dir) as fresh:
+        key = lambda r: (r["path"], r["kind"], r["t_start"])  # noqa: E731
+        a = sorted(resumed.get(resumed.ids().tolist()), key=key)
+        b = sorted(fresh.get(fresh.ids().tolist()), key=key)
+        va = resumed.get_vectors([r["id"] for r in a])
+        vb = fresh.get_vectors([r["id"] for r in b])
+        assert np.allclose(va, vb, atol=2e-3)  # the same embeddings, whichever run wrote them
