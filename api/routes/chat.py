@@ -10,15 +10,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from fastapi import APIRouter, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
 from PIL import Image
-from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from api.deps import AuthDep, ServiceDep
 from api.limits import GatedStreamingResponse, on_thread, unless_disconnected, watching
-from api.routes import error_responses
+from api.routes import body_with_upload, error_responses, validate_body
 from api.routes.search import _form_image, _form_integer, retrieve_images
 from api.schemas import MIN_SAMPLING_TEMPERATURE, ChatRequest, ChatResponse, Source
 from api.service import Service, decode_base64_image
@@ -193,27 +191,11 @@ def _multipart_schema() -> dict[str, Any]:
 
 
 _MULTIPART_SCHEMA = _multipart_schema()
-_OPENAPI_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {"schema": _JSON_SCHEMA},
-            "multipart/form-data": {
-                "schema": _MULTIPART_SCHEMA,
-                "encoding": {"video": {"contentType": "video/*"}},
-            },
-        },
-    }
-}
+_OPENAPI_BODY = body_with_upload(_JSON_SCHEMA, _MULTIPART_SCHEMA, "video", "video/*")
 
 
 def _validate(data: dict[str, Any] | bytes) -> ChatRequest:
-    try:
-        if isinstance(data, bytes):
-            return ChatRequest.model_validate_json(data)
-        return ChatRequest.model_validate(data)
-    except ValidationError as exc:
-        raise RequestValidationError(exc.errors(include_url=False, include_input=False)) from exc
+    return validate_body(ChatRequest, data)
 
 
 def _form_value(key: str, value: str) -> Any:

@@ -10,14 +10,12 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
 from PIL import Image
-from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from api.deps import AuthDep, ServiceDep
 from api.limits import unless_disconnected
-from api.routes import error_responses
+from api.routes import body_with_upload, error_responses, validate_body
 from api.schemas import MAX_ID, SearchRequest, SearchResponse, SearchResult
 from api.service import Service, decode_base64_image
 from retrieval.images import ImageDecodeError, open_image
@@ -45,27 +43,11 @@ _MULTIPART_SCHEMA = {
         for name, field in _MULTIPART_FIELDS.items()
     ]
 }
-_OPENAPI_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {"schema": _JSON_SCHEMA},
-            "multipart/form-data": {
-                "schema": _MULTIPART_SCHEMA,
-                "encoding": {"image": {"contentType": "image/*"}},
-            },
-        },
-    }
-}
+_OPENAPI_BODY = body_with_upload(_JSON_SCHEMA, _MULTIPART_SCHEMA, "image", "image/*")
 
 
 def _validate(data: dict[str, Any] | bytes) -> SearchRequest:
-    try:
-        if isinstance(data, bytes):
-            return SearchRequest.model_validate_json(data)
-        return SearchRequest.model_validate(data)
-    except ValidationError as exc:
-        raise RequestValidationError(exc.errors(include_url=False, include_input=False)) from exc
+    return validate_body(SearchRequest, data)
 
 
 def _form_integer(value: str) -> int | str:
