@@ -112,8 +112,13 @@ class InternVLEncoder(TorchEncoder):
     def generate_captions_from_pixels(
         self, pixel_values: torch.Tensor, prompt: str = DEFAULT_PROMPT, **generate_kwargs: Any
     ) -> Any:
-        """Preprocessed batch (B, 3, S, S) -> ``generate`` output (see :meth:`generate_captions`)."""
+        """Preprocessed batch (B, 3, S, S) -> ``generate`` output (see :meth:`generate_captions`).
+
+        ``min_new_tokens`` is capped at ``max_new_tokens`` (a short caption rather than a warning)."""
         generate_kwargs.setdefault("return_dict_in_generate", True)
+        low, high = generate_kwargs.get("min_new_tokens"), generate_kwargs.get("max_new_tokens")
+        if low is not None and high is not None and low > high:
+            generate_kwargs["min_new_tokens"] = high
         return self.captioner.generate(self._to_model(pixel_values), prompt, **generate_kwargs)
 
     def caption_pixels(
