@@ -68,7 +68,23 @@ class Encoder(abc.ABC):
         """Images -> one generated caption each (InternVL checkpoints: QLLaMA with the query tokens).
 
         Backends without a text decoder raise :class:`~retrieval.errors.CaptioningNotSupportedError`."""
-        raise CaptioningNotSupportedError(
+        raise self._cannot_caption()
+
+    def caption_pixels(
+        self,
+        pixel_values: torch.Tensor,
+        prompt: str = "English caption:",
+        *,
+        num_beams: int = 5,
+        min_new_tokens: int = 8,
+        max_new_tokens: int = 30,
+        **generate_kwargs: Any,
+    ) -> list[str]:
+        """:meth:`caption` of a preprocessed batch ``(B, 3, S, S)`` (e.g. from data-loader workers)."""
+        raise self._cannot_caption()
+
+    def _cannot_caption(self) -> CaptioningNotSupportedError:
+        return CaptioningNotSupportedError(
             f"{self.name} ({self.mode}) cannot caption images: it has no text decoder "
             "(captions need an InternVL-C/G checkpoint)"
         )

@@ -212,3 +212,13 @@ def test_openclip_cannot_caption(openclip_dir: Path) -> None:
     encoder = load_encoder(openclip_dir, device="cpu")
     with pytest.raises(CaptioningNotSupportedError, match="cannot caption"):
         encoder.caption([Image.new("RGB", (32, 32))])
+    with pytest.raises(CaptioningNotSupportedError, match="cannot caption"):
+        encoder.caption_pixels(torch.zeros(1, 3, 32, 32))
+
+
+def test_caption_pixels_equals_caption(encoders: dict[Path, InternVLEncoder]) -> None:
+    folder = CAPTION_FIXTURES[0]
+    encoder, files = encoders[folder], _image_files(folder)
+    pixels = torch.stack([encoder.image_transform(Image.open(f)) for f in files])
+    assert encoder.caption_pixels(pixels, max_new_tokens=6) == encoder.caption(files, max_new_tokens=6)
+    assert encoder.caption_pixels(pixels[:0]) == []
