@@ -196,3 +196,24 @@ def test_video_rows_use_their_middle_frame(tmp_path: Path, real_encoder) -> None
             assert r.status_code == 200, r.text
             assert r.json()["caption"] == want, row
     assert sorted(r["kind"] for r in rows) == ["segment"] * 3 + ["video"]
+
+
+def test_demo_model_captions_without_crashing() -> None:
+    """The demo's query branch is untrained (8 query tokens): noise, but every knob answers 200."""
+    from retrieval import load_encoder
+    from retrieval.loader import DEMO_MODEL_DIR
+
+    if not (DEMO_MODEL_DIR / "model.safetensors").is_file():
+        pytest.skip("demo model not built")
+    encoder = load_encoder("demo", device="cpu")
+    image = b64(IMAGE_FILES[0].read_bytes())
+    with TestClient(create_app(Settings(), encoder=encoder)) as c:
+        for knobs in (
+            {},
+            {"num_beams": 1, "prompt": ""},
+            {"num_beams": 2, "do_sample": True, "temperature": 0.01, "top_p": 1e-9, "seed": 1},
+            {"num_beams": 1, "do_sample": True, "temperature": 2.0, "top_k": 0, "max_new_tokens": 128},
+        ):
+            r = c.post("/caption", json={"image": image, **knobs})
+            assert r.status_code == 200, (knobs, r.text)
+            assert isinstance(r.json()["caption"], str)
