@@ -180,6 +180,54 @@ class ClassifyResponse(BaseModel):
     scores: list[LabelScore]
 
 
+#: /caption bounds: beams, new tokens, prompt length (characters), top-k
+MAX_CAPTION_BEAMS = 8
+MAX_CAPTION_TOKENS = 128
+MAX_CAPTION_PROMPT = 1_000
+MAX_CAPTION_TOP_K = 1_000
+MAX_SEED = 2**32 - 1
+CaptionPrompt = Annotated[str, Field(max_length=MAX_CAPTION_PROMPT), AfterValidator(_utf8)]
+
+
+class CaptionRequest(BaseModel):
+    """Caption one image: ``image`` (base64) or ``image_id`` (an indexed image; for a video or segment
+    row, its middle frame), with the prompt and generation knobs of ``encoder.caption``."""
+
+    model_config = ConfigDict(extra="forbid", **exactly_one_of("image", "image_id"))
+
+    image: ImageB64 | None = None
+    image_id: ImageId | None = Field(
+        None, description="id of an indexed image (a video or segment row: its middle frame)"
+    )
+    prompt: CaptionPrompt = Field("English caption:", description="text the caption continues")
+    num_beams: Integer(ge=1, le=MAX_CAPTION_BEAMS) = Field(5, description="1 = greedy (or sampling)")
+    min_new_tokens: Integer(ge=0, le=MAX_CAPTION_TOKENS) = Field(
+        8, description="at least this many tokens (capped at max_new_tokens)"
+    )
+    max_new_tokens: Integer(ge=1, le=MAX_CAPTION_TOKENS) = 30
+    do_sample: bool = Field(False, strict=True, description="sample instead of greedy / beam search")
+    temperature: float = Field(
+        1.0, ge=MIN_SAMPLING_TEMPERATURE, le=2.0, strict=True, description="sampling only"
+    )
+    top_p: float = Field(1.0, gt=0.0, le=1.0, strict=True, description="nucleus sampling (1 = off)")
+    top_k: Integer(ge=0, le=MAX_CAPTION_TOP_K) = Field(50, description="sampling only; 0 = off")
+    seed: Integer(ge=0, le=MAX_SEED) | None = Field(
+        None, description="sampling: the same seed gives the same caption"
+    )
+
+    @model_validator(mode="after")
+    def _one_image(self) -> CaptionRequest:
+        _exactly_one(self, ("image", "image_id"))
+        return self
+
+
+class CaptionResponse(BaseModel):
+    caption: str
+    prompt: str
+    image_id: int | None = Field(None, description="the captioned indexed image, if one was given")
+    took_ms: float
+
+
 Question = Annotated[
     str,
     Field(min_length=1, max_length=10_000, pattern=NOT_BLANK, description="not blank"),

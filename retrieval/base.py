@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+
+from retrieval.errors import CaptioningNotSupportedError
 
 
 class Encoder(abc.ABC):
@@ -51,6 +54,40 @@ class Encoder(abc.ABC):
             batch = torch.stack([self.preprocess(im) for im in images[start : start + batch_size]])
             out.append(self.encode_pixels(batch))
         return np.concatenate(out, axis=0)
+
+    def caption(
+        self,
+        images: Sequence[Any],
+        prompt: str = "English caption:",
+        *,
+        num_beams: int = 5,
+        min_new_tokens: int = 8,
+        max_new_tokens: int = 30,
+        **generate_kwargs: Any,
+    ) -> list[str]:
+        """Images -> one generated caption each (InternVL checkpoints: QLLaMA with the query tokens).
+
+        Backends without a text decoder raise :class:`~retrieval.errors.CaptioningNotSupportedError`."""
+        raise self._cannot_caption()
+
+    def caption_pixels(
+        self,
+        pixel_values: torch.Tensor,
+        prompt: str = "English caption:",
+        *,
+        num_beams: int = 5,
+        min_new_tokens: int = 8,
+        max_new_tokens: int = 30,
+        **generate_kwargs: Any,
+    ) -> list[str]:
+        """:meth:`caption` of a preprocessed batch ``(B, 3, S, S)`` (e.g. from data-loader workers)."""
+        raise self._cannot_caption()
+
+    def _cannot_caption(self) -> CaptioningNotSupportedError:
+        return CaptioningNotSupportedError(
+            f"{self.name} ({self.mode}) cannot caption images: it has no text decoder "
+            "(captions need an InternVL-C/G checkpoint)"
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, dim={self.embed_dim}, device={self.device})"

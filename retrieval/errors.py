@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from retrieval.images import ImageDecodeError, ImageTooLarge
 
 __all__ = [
+    "CaptioningNotSupportedError",
     "ImageDecodeError",
     "ImageTooLarge",
     "ModelLoadError",
@@ -14,6 +15,10 @@ __all__ = [
     "UnknownModelTypeError",
     "WeightMismatchError",
 ]
+
+
+class CaptioningNotSupportedError(RuntimeError):
+    """The encoder has no text decoder (e.g. OpenCLIP): it cannot caption images."""
 
 
 class ModelLoadError(RuntimeError):

@@ -18,7 +18,12 @@ import open_clip
 import torch
 from PIL import Image, ImageOps
 
-from retrieval.errors import ModelLoadError, TokenizerNotFoundError, WeightMismatchError
+from retrieval.errors import (
+    CaptioningNotSupportedError,
+    ModelLoadError,
+    TokenizerNotFoundError,
+    WeightMismatchError,
+)
 from retrieval.images import to_rgb
 from retrieval.torch_encoder import TorchEncoder, check_batch_size, check_texts, resolve_device, resolve_dtype
 
@@ -76,6 +81,15 @@ class OpenCLIPEncoder(TorchEncoder):
         with torch.inference_mode():
             feats = self.model.encode_image(self._to_model(pixel_values), normalize=True)
         return feats.float().cpu().numpy()
+
+    def caption(
+        self, images: Sequence[object], prompt: str = "English caption:", **kwargs: object
+    ) -> list[str]:
+        """Not available: a CLIP model has no text decoder."""
+        raise CaptioningNotSupportedError(
+            f"{self.name}: OpenCLIP models cannot caption images (no text decoder); "
+            "use an InternVL-C/G checkpoint for captions"
+        )
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """Texts -> open_clip's normalised text features, float32 (N, D)."""

@@ -4,6 +4,7 @@ Own implementation of the official clip_benchmark code (no library ships it); pa
 checkpoint's so published weights load with ``strict=True``.
 """
 
+from retrieval.internvl.captioning import InternVLCaptioner, QLLaMAForCaptioning
 from retrieval.internvl.config import InternVisionConfig, InternVLConfig, QLLaMAConfig
 from retrieval.internvl.model import InternVLModel
 from retrieval.internvl.tokenizer import InternVLTokenizer
@@ -12,11 +13,13 @@ from retrieval.internvl.transforms import IMAGENET_MEAN, IMAGENET_STD, InternVLI
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "InternVLCaptioner",
     "InternVLConfig",
     "InternVLImageTransform",
     "InternVLModel",
     "InternVLTokenizer",
     "InternVisionConfig",
+    "QLLaMAForCaptioning",
     "QLLaMAConfig",
     "build_transform",
 ]

@@ -6,16 +6,25 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from retrieval.base import l2_normalize
 from retrieval.errors import ModelLoadError
+from retrieval.internvl.captioning import DEFAULT_PROMPT, InternVLCaptioner, captioner_for
 from retrieval.internvl.model import InternVLModel
 from retrieval.internvl.tokenizer import InternVLTokenizer
 from retrieval.internvl.transforms import build_transform
-from retrieval.torch_encoder import TorchEncoder, check_batch_size, check_texts, resolve_device, resolve_dtype
+from retrieval.torch_encoder import (
+    ImageInput,
+    TorchEncoder,
+    check_batch_size,
+    check_texts,
+    resolve_device,
+    resolve_dtype,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +79,90 @@ class InternVLEncoder(TorchEncoder):
                 ids = ids[:, : int((ids > 0).sum(1).max())].to(self.device)
                 out.append(l2_normalize(self.model.encode_text(ids)))
         return np.concatenate(out, axis=0)
+
+    # ---- captioning (InternVL-G's QLLaMA decoder; any mode) ------------------------------------------
+    @property
+    def captioner(self) -> InternVLCaptioner:
+        """The QLLaMA ``generate`` wrapper, built on first use."""
+        return captioner_for(self, self.model, self.tokenizer)
+
+    def _pixels(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        if isinstance(images, (str, bytes, os.PathLike)) or not isinstance(images, Sequence):
+            raise TypeError("caption expects a sequence of images; wrap a single image in a list")
+        return torch.stack([self.preprocess(im) for im in images])
+
+    def generate_captions(
+        self,
+        images: Sequence[ImageInput],
+        prompt: str = DEFAULT_PROMPT,
+        *,
+        num_beams: int = 5,
+        min_new_tokens: int = 8,
+        max_new_tokens: int = 30,
+        **generate_kwargs: Any,
+    ) -> Any:
+        """Like :meth:`caption`, but transformers' ``generate`` output: ``sequences`` (BOS id first, then the
+        new tokens, as the reference returns them), plus ``logits`` / ``scores`` / ``sequences_scores`` when
+        asked for (``output_logits=True``, ...)."""
+        return self.generate_captions_from_pixels(
+            self._pixels(images), prompt, num_beams=num_beams, min_new_tokens=min_new_tokens,
+            max_new_tokens=max_new_tokens, **generate_kwargs,
+        )  # fmt: skip
+
+    def generate_captions_from_pixels(
+        self, pixel_values: torch.Tensor, prompt: str = DEFAULT_PROMPT, **generate_kwargs: Any
+    ) -> Any:
+        """Preprocessed batch (B, 3, S, S) -> ``generate`` output (see :meth:`generate_captions`).
+
+        ``min_new_tokens`` is capped at ``max_new_tokens`` (a short caption rather than a warning)."""
+        generate_kwargs.setdefault("return_dict_in_generate", True)
+        low, high = generate_kwargs.get("min_new_tokens"), generate_kwargs.get("max_new_tokens")
+        if low is not None and high is not None and low > high:
+            generate_kwargs["min_new_tokens"] = high
+        return self.captioner.generate(self._to_model(pixel_values), prompt, **generate_kwargs)
+
+    def caption_pixels(
+        self,
+        pixel_values: torch.Tensor,
+        prompt: str = DEFAULT_PROMPT,
+        *,
+        num_beams: int = 5,
+        min_new_tokens: int = 8,
+        max_new_tokens: int = 30,
+        **generate_kwargs: Any,
+    ) -> list[str]:
+        """Preprocessed batch (B, 3, S, S) -> one caption per image (see :meth:`caption`)."""
+        if len(pixel_values) == 0:
+            return []
+        out = self.generate_captions_from_pixels(
+            pixel_values, prompt, num_beams=num_beams, min_new_tokens=min_new_tokens,
+            max_new_tokens=max_new_tokens, **generate_kwargs,
+        )  # fmt: skip
+        return self.captioner.decode(out.sequences)
+
+    def caption(
+        self,
+        images: Sequence[ImageInput],
+        prompt: str = DEFAULT_PROMPT,
+        *,
+        num_beams: int = 5,
+        min_new_tokens: int = 8,
+        max_new_tokens: int = 30,
+        **generate_kwargs: Any,
+    ) -> list[str]:
+        """Images (PIL, paths or bytes; preprocessed with this encoder's transform) -> one caption each.
+
+        InternVL-G captioning as the reference ``InternVLModel.generate``: QLLaMA with the learned query
+        tokens cross-attending to the InternViT tokens, decoded by transformers' ``generate`` (beam search by
+        default; ``num_beams=1`` greedy; ``do_sample=True`` with ``temperature`` / ``top_p`` / ``top_k``
+        sampling). Works in either mode (C or G): both checkpoints carry the decoder."""
+        images = list(images) if not isinstance(images, (str, bytes, os.PathLike)) else images
+        if isinstance(images, list) and not images:
+            return []
+        return self.caption_pixels(
+            self._pixels(images), prompt, num_beams=num_beams, min_new_tokens=min_new_tokens,
+            max_new_tokens=max_new_tokens, **generate_kwargs,
+        )  # fmt: skip
 
 
 class InternVLCEncoder(InternVLEncoder):

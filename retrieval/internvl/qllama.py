@@ -11,6 +11,7 @@ Norms, MLP and rotary embedding are transformers' LLaMA blocks; parameter names 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 from torch import nn
@@ -71,11 +72,21 @@ class QLLaMASelfAttention(nn.Module):
         return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, D)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: Any = None,
+        layer_idx: int = 0,
     ) -> torch.Tensor:
+        """``cache``: optional transformers ``Cache``; the new keys/values are appended to layer ``layer_idx``
+        and attention runs over all cached positions (``mask`` then covers the cached keys too)."""
         b, n, _ = x.shape
         q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, layer_idx)
         out = attend(q, k, v, mask)  # (B, H, N, D)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, self.hidden_size))
 
@@ -127,10 +138,21 @@ class QLLaMADecoderLayer(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor | None,
         vision: torch.Tensor | None,
+        *,
+        cache: Any = None,
+        layer_idx: int = 0,
+        num_query_token: int | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        """``num_query_token``: None = every position cross-attends (the queries-only embedding path); an int
+        = only the first ``num_query_token`` positions do, and only when there are at least that many
+        (the reference's rule for a query + prompt sequence: the prompt positions pass through unchanged)."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache=cache, layer_idx=layer_idx)
         if self.cross_attn is not None and vision is not None:
-            x = x + self.cross_attn(x, vision)
+            if num_query_token is None:
+                x = x + self.cross_attn(x, vision)
+            elif x.shape[1] >= num_query_token:
+                queries = x[:, :num_query_token]
+                x = torch.cat([queries + self.cross_attn(queries, vision), x[:, num_query_token:]], dim=1)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -159,13 +181,22 @@ class QLLaMAModel(nn.Module):
         inputs_embeds: torch.Tensor,
         mask: torch.Tensor | None = None,
         vision_hidden_states: torch.Tensor | None = None,
+        *,
+        cache: Any = None,
+        num_query_token: int | None = None,
     ) -> torch.Tensor:
-        """(B, N, H) embeddings -> (B, N, H) final-norm states. ``mask``: bool (B, 1, N, N), True = attend."""
+        """(B, N, H) embeddings -> (B, N, H) final-norm states. ``mask``: bool (B, 1, N, N + cached),
+        True = attend. With a ``cache`` (transformers ``Cache``), positions continue after the cached ones
+        and the new keys/values are appended; ``num_query_token``: see :meth:`QLLaMADecoderLayer.forward`."""
         x = inputs_embeds
-        positions = torch.arange(x.shape[1], device=x.device)[None].expand(x.shape[0], -1)  # (B, N)
+        past = cache.get_seq_length() if cache is not None else 0
+        positions = torch.arange(past, past + x.shape[1], device=x.device)[None].expand(x.shape[0], -1)
         cos, sin = self.rotary_emb(x, positions)  # (B, N, D)
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask, vision_hidden_states)
+        for i, layer in enumerate(self.layers):
+            x = layer(
+                x, cos, sin, mask, vision_hidden_states,
+                cache=cache, layer_idx=i, num_query_token=num_query_token,
+            )  # fmt: skip
         return self.norm(x)
 
 

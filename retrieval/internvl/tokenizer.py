@@ -71,6 +71,13 @@ class InternVLTokenizer:
         pieces = self.sp.encode(self.prefix + text)[: self.max_length - 2]
         return [self.bos_id, *pieces, self.eos_id]
 
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """A captioning prompt -> ``[BOS] + pieces(prompt)``: no text prefix, no EOS, no truncation (the
+        reference tokenizes it with ``add_eos_token=False``)."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be str, got {type(prompt).__name__}")
+        return [self.bos_id, *self.sp.encode(prompt)]
+
     def __call__(self, texts: Sequence[str] | str) -> torch.Tensor:
         """Texts -> LongTensor (N, max_length), right-padded with ``pad_id``."""
         if isinstance(texts, str):
