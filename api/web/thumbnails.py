@@ -46,7 +46,8 @@ class ThumbKey:
 
     @property
     def digest(self) -> str:
-        text = f"v{RENDER_VERSION}:{self.image_id}:{self.size}:{self.mtime_ns}:{self.file_size}:{self.poster_s}"
+        parts = (RENDER_VERSION, self.image_id, self.size, self.mtime_ns, self.file_size, self.poster_s)
+        text = ":".join(map(str, parts))
         return hashlib.sha256(text.encode()).hexdigest()[:20]
 
     @property
@@ -84,7 +85,7 @@ def render(path: Path, size: int, poster_s: float | None, max_pixels: int | None
 
 
 class ThumbCache:
-    """Thumbnails on disk under ``folder`` (``<index dir>/thumbs``): ``<size>/<id // 1000>/<id>-<digest>.jpg``.
+    """Thumbnails on disk in ``folder`` (``<index dir>/thumbs``): ``<size>/<id // 1000>/<id>-<digest>.jpg``.
 
     Writes are atomic (temporary file, then rename); a folder that cannot be written is logged once and
     thumbnails are then served uncached."""

@@ -97,12 +97,11 @@ async def get_thumbnail(
         return Response(status_code=304, headers=headers)
     try:
         data = await run_in_threadpool(_thumbnail, _cache(service), key, path, service.settings.max_pixels)
-    except ImageDecodeError as exc:
-        logger.info("no thumbnail for image %s (%s): %s", image_id, exc.reason, exc)
-        raise HTTPException(422, {"reason": exc.reason, "message": f"cannot decode the image: {exc}"}) from exc
-    except VideoDecodeError as exc:
-        logger.info("no thumbnail for video %s (%s): %s", image_id, exc.reason, exc)
-        raise HTTPException(422, {"reason": exc.reason, "message": f"cannot decode the video: {exc}"}) from exc
+    except (ImageDecodeError, VideoDecodeError) as exc:
+        what = "video" if video else "image"
+        logger.info("no thumbnail for %s %s (%s): %s", what, image_id, exc.reason, exc)
+        detail = {"reason": exc.reason, "message": f"cannot decode the {what}: {exc}"}
+        raise HTTPException(422, detail) from exc
     except OSError as exc:  # the file vanished or became unreadable between the checks and the decode
         raise HTTPException(404, f"file of image {image_id} cannot be read: {exc}") from exc
     return Response(data, media_type=MEDIA_TYPE, headers=headers)
