@@ -7,7 +7,7 @@ Runs ``generate_shapes.py`` (coloured shapes on plain/textured backgrounds), ren
 clips of moving shapes (one shape and colour per second, see :data:`VIDEO_SCENES`) into the same folder,
 then ``build_index.py --model demo --video-segments 1`` (so ``/search`` also returns video moments, rows
 of ``kind: "segment"`` with ``t_start`` / ``t_end``), then ``python -m api --index ... --model demo``;
-prints curl examples.
+prints curl examples and the web page's address (``http://127.0.0.1:8000/``).
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@ Content-Security-Policy that allows only same-origin scripts, styles, requests a
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException
@@ -11,6 +12,7 @@ from fastapi.responses import FileResponse
 
 from api.web import STATIC_DIR
 
+logger = logging.getLogger(__name__)
 router = APIRouter(include_in_schema=False)
 
 CONTENT_SECURITY_POLICY = "; ".join(
@@ -41,7 +43,9 @@ _MEDIA_TYPES = {
     ".svg": "image/svg+xml",
 }
 #: the files the page is made of (nothing else under the package folder is served)
-STATIC_FILES = frozenset(p.name for p in STATIC_DIR.iterdir() if p.suffix in _MEDIA_TYPES)
+STATIC_FILES = frozenset(
+    p.name for p in (STATIC_DIR.iterdir() if STATIC_DIR.is_dir() else ()) if p.suffix in _MEDIA_TYPES
+)
 
 
 def _file(name: str, cache: str) -> FileResponse:
@@ -53,6 +57,9 @@ def _file(name: str, cache: str) -> FileResponse:
 @router.get("/", response_class=FileResponse)
 async def index_page() -> FileResponse:
     """The page: search, browse, classify and ask."""
+    if "index.html" not in STATIC_FILES:
+        logger.error("the web page's files are missing from %s (package data not installed?)", STATIC_DIR)
+        raise HTTPException(404, "the web page is not installed")
     return _file("index.html", "no-cache")
 
 

@@ -148,6 +148,7 @@ def test_ask_streams_a_grounded_answer_with_sources(web: WebSession, tmp_path: P
     question = "Which picture shows a red circle?"
     expected = _api(web.base_url, "/chat", {"question": question, "max_new_tokens": 12})
     web.goto("/")
+    web.search("a red circle", k=12)
     web.page.fill("#question", question)
     web.page.fill("#max-tokens", "12")
     web.page.click("#ask-submit")
@@ -160,7 +161,7 @@ def test_ask_streams_a_grounded_answer_with_sources(web: WebSession, tmp_path: P
     script = "els => els.map(e => +e.dataset.sourceId)"
     shown = web.page.eval_on_selector_all("#sources [data-source-id]", script)
     assert shown == [s["id"] for s in expected["sources"]] and shown
-    web.screenshot(tmp_path / "ask.png", full_page=False)
+    web.screenshot(tmp_path / "ask.png")
     web.page.click("#sources button >> nth=0")  # a source opens like a result
     web.page.wait_for_selector("#detail[open]")
     web.page.keyboard.press("Escape")

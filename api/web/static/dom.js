@@ -1,6 +1,6 @@
 // DOM helpers. Untrusted text (file names, paths, captions, answers) only ever goes in as text nodes.
 
-import { blobURL } from "./api.js";
+import { apiKey, blobURL } from "./api.js";
 
 /** `el("li", {className: "x", dataset: {resultId: 3}}, "text", child)`: properties, never HTML. */
 export function el(tag, props = {}, ...children) {
@@ -54,15 +54,20 @@ export class URLPool {
   }
 }
 
-/** Load `/thumbs/{id}` into `img`; resolves true when shown, false when there is no thumbnail. */
+function shown(img, src) {
+  return new Promise((resolve, reject) => {
+    img.addEventListener("load", resolve, { once: true });
+    img.addEventListener("error", () => reject(new Error("the thumbnail could not be loaded")), { once: true });
+    img.src = src;
+  });
+}
+
+/** Load `/thumbs/{id}` into `img`; resolves true when shown, false when there is no thumbnail. Without an API
+ * key the browser loads it itself (its HTTP cache, no copies); with one, through fetch() and a blob: URL. */
 export async function loadThumb(img, id, size, pool) {
+  const path = `/thumbs/${encodeURIComponent(id)}?size=${size}`;
   try {
-    const url = pool.add(await blobURL(`/thumbs/${encodeURIComponent(id)}?size=${size}`));
-    await new Promise((resolve) => {
-      img.addEventListener("load", resolve, { once: true });
-      img.addEventListener("error", resolve, { once: true });
-      img.src = url;
-    });
+    await shown(img, apiKey() ? pool.add(await blobURL(path)) : path);
     img.dataset.loaded = "true";
     return true;
   } catch (err) {
