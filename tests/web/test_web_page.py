@@ -5,7 +5,6 @@ videos from the segment's start, untrusted file names, keyboard only, phone widt
 from __future__ import annotations
 
 import base64
-import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -282,21 +281,63 @@ def test_load_more_pages_without_repeats(web: WebSession, base_url: str) -> None
     expected = _api(base_url, "/search", {"text": "a green triangle", "k": 20})["results"]
     assert ids == [r["id"] for r in expected]
     assert web.page.text_content("#summary").startswith("20 results")
-    # today's API has no `offset`: the page fell back to a larger k (a 422 it handled, not an error shown)
     assert web.page.is_hidden("#message")
-    web.assert_clean(allowed_statuses=(422,))
+    web.assert_clean(allowed_statuses=(422,))  # a server without `offset` may answer one 422 first
 
 
-def test_options_are_sent_only_when_set(web: WebSession) -> None:
+def _search_schema(doc: dict) -> dict:
+    """The JSON body schema of POST /search in an OpenAPI document (inline, as the route declares it)."""
+    schema = doc["paths"]["/search"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    if "$ref" in schema:
+        schema = doc["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+    return schema
+
+
+def _future_search_schema(base_url: str) -> dict:
+    """This server's OpenAPI document with the /search options the API is gaining (filters, modes, paging)."""
+    doc = httpx.get(base_url + "/openapi.json", timeout=30).json()
+    schema = _search_schema(doc)
+    props = schema["properties"]
+    for name, kind in [("mode", "string"), ("alpha", "number"), ("rrf_k", "integer"), ("offset", "integer"),
+                       ("min_score", "number"), ("deduplicate", "boolean")]:  # fmt: skip
+        props.setdefault(name, {"type": kind})
+    fields = ["path_prefix", "path_glob", "extensions", "kinds", "mtime_from", "mtime_to",
+              "min_width", "max_width", "min_height", "max_height", "ids"]  # fmt: skip
+    filters = {"type": "object", "properties": {f: {} for f in fields}}
+    schema.setdefault("$defs", {})["SearchFilters"] = filters
+    props["filters"] = {"anyOf": [{"$ref": "#/$defs/SearchFilters"}, {"type": "null"}]}
+    return doc
+
+
+def test_options_are_sent_only_when_set(web: WebSession, base_url: str) -> None:
+    """Against a server whose /search has the new options (its schema and answers stubbed in the browser):
+    nothing but text and k until the user sets an option, then exactly the API's names; captions and
+    found_by are shown; "load more" pages with offset."""
     page = web.page
+    real = _api(base_url, "/search", {"text": "a red star", "k": 3})["results"]
+    sent: list[dict] = []
+
+    def answer(route) -> None:  # noqa: ANN001
+        body = route.request.post_data_json
+        sent.append(body)
+        rows = [{**r, "caption": f"caption <b>{i}</b>", "found_by": ["vector", "keyword"]}
+                for i, r in enumerate(real)]  # fmt: skip
+        route.fulfill(json={"results": rows[: body["k"]], "took_ms": 1.0})
+
+    page.route("**/openapi.json", lambda route: route.fulfill(json=_future_search_schema(base_url)))
+    page.route("**/search", answer)
     web.goto("/")
-    with page.expect_request(lambda r: r.url.endswith("/search")) as plain:
-        web.search("a red star")
-    assert json.loads(plain.value.post_data) == {"text": "a red star", "k": 24}
-    page.click("#options summary")
-    page.check('input[name=kinds][value=image]')
-    page.check('input[name=kinds][value=segment]')
-    page.fill("#path_prefix", str(Path("/photos")))
+    page.wait_for_selector("#options[data-detected]", state="attached")
+    assert page.is_hidden("#options-note") and page.is_enabled("#mode") and page.is_enabled("#path_prefix")
+    web.search("a red star", k=3)
+    assert sent[-1] == {"text": "a red star", "k": 3}
+    first = page.locator(f'[data-result-id="{real[0]["id"]}"]')
+    assert first.locator(".caption").text_content() == "caption <b>0</b>"  # as text
+    assert first.locator(".found-by").text_content() == "found by vector + keyword"
+
+    page.check("input[name=kinds][value=image]")
+    page.check("input[name=kinds][value=segment]")
+    page.fill("#path_prefix", "/photos")
     page.fill("#extensions", "png, .JPG")
     page.fill("#mtime_from", "2024-01-02")
     page.fill("#min_width", "64")
@@ -304,20 +345,36 @@ def test_options_are_sent_only_when_set(web: WebSession) -> None:
     page.fill("#alpha", "0.3")
     page.fill("#min_score", "0.1")
     page.check("#deduplicate")
-    page.fill("input[name=q]", "a red star")
-    with page.expect_request(lambda r: r.url.endswith("/search")) as filtered:
-        page.press("input[name=q]", "Enter")
-    body = json.loads(filtered.value.post_data)
+    web.search("a red star")
+    body = sent[-1]
     assert body["mode"] == "hybrid" and body["alpha"] == 0.3 and body["min_score"] == 0.1
-    assert body["deduplicate"] is True
+    assert body["deduplicate"] is True and "offset" not in body
     f = body["filters"]
     assert f["kinds"] == ["image", "segment"] and f["path_prefix"] == "/photos"
     assert f["extensions"] == [".png", ".jpg"] and f["min_width"] == 64
     assert isinstance(f["mtime_from"], int) and "mtime_to" not in f
-    # today's server refuses the unknown fields: the page says so instead of going blank
-    page.wait_for_selector("#message:not([hidden])")
-    assert "Search failed: 422" in page.text_content("#message")
-    web.assert_clean(allowed_statuses=(422,))
+
+    web.arm()
+    page.click("#load-more")
+    web.wait_grid()
+    assert sent[-1]["offset"] == 3 and sent[-1]["k"] == 3 and sent[-1]["filters"] == f
+    web.assert_clean()
+
+
+def test_options_this_server_lacks_are_greyed_out(web: WebSession, base_url: str) -> None:
+    props = _search_schema(httpx.get(base_url + "/openapi.json", timeout=30).json())["properties"]
+    web.goto("/")
+    web.page.click("#options summary")
+    web.page.wait_for_selector("#options[data-detected]", state="attached")
+    for name, selector in [("mode", "#mode"), ("min_score", "#min_score"), ("deduplicate", "#deduplicate")]:
+        assert web.page.is_enabled(selector) == (name in props), name
+    assert web.page.is_enabled("#path_prefix") == ("filters" in props)
+    assert web.page.is_hidden("#options-note") == all(
+        n in props for n in ("mode", "alpha", "min_score", "deduplicate", "filters")
+    )
+    web.search("a red star")  # whatever the server takes, a plain search works
+    assert len(web.result_ids()) == 24
+    web.assert_clean()
 
 
 def test_api_errors_are_messages(web: WebSession, tmp_path: Path) -> None:

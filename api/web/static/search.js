@@ -1,6 +1,6 @@
 // Search: the query box, image search (file picker, drag and drop), options, the grid, paging, detail view.
 
-import { ApiError, apiKey, dataURL, postJSON } from "./api.js";
+import { ApiError, apiKey, dataURL, getJSON, postJSON } from "./api.js";
 import { URLPool, clear, clock, el, fileName, loadThumb, mediaURL, timeRange } from "./dom.js";
 
 const GRID_THUMB = 256;
@@ -16,14 +16,74 @@ let current = null;       // {query, label, shown, pageSize}
 let offsetUnsupported = false;  // the server refused `offset`: page by asking for more instead
 let detailResult = null;
 
+// ---- what this server's /search takes (its OpenAPI document) -------------------------------------------
+const OPTION_CONTROLS = { mode: ["#mode"], alpha: ["#alpha"], min_score: ["#min_score"], deduplicate: ["#deduplicate"] };
+const FILTER_CONTROLS = {
+  kinds: ['input[name="kinds"]'], path_prefix: ["#path_prefix"], extensions: ["#extensions"],
+  mtime_from: ["#mtime_from"], mtime_to: ["#mtime_to"], min_width: ["#min_width"], min_height: ["#min_height"],
+};
+
+/** The object schema behind `schema` (following $ref and anyOf/oneOf/allOf); `#/$defs/...` refs are
+ * relative to `root` (pydantic's inline schemas), others to the whole document. */
+function resolve(root, doc, schema) {
+  if (!schema || schema.properties) return schema || {};
+  if (schema.$ref) {
+    const path = schema.$ref.split("/").slice(1);
+    return resolve(root, doc, path.reduce((o, k) => o?.[k], path[0] === "$defs" ? root : doc));
+  }
+  for (const branch of schema.anyOf || schema.oneOf || schema.allOf || []) {
+    const found = resolve(root, doc, branch);
+    if (found.properties) return found;
+  }
+  return schema;
+}
+
+function setSupported(selectors, supported) {
+  for (const selector of selectors) {
+    for (const node of document.querySelectorAll(selector)) {
+      node.disabled = !supported;
+      node.closest("label")?.classList.toggle("unsupported", !supported);
+    }
+  }
+}
+
+/** Grey out the options this server's /search does not take (so they are never sent), and page with
+ * `offset` only where it exists. Without the document, everything stays on. */
+export async function detectOptions() {
+  let doc;
+  try {
+    doc = await getJSON("/openapi.json");
+  } catch {
+    return;
+  }
+  const root = doc.paths?.["/search"]?.post?.requestBody?.content?.["application/json"]?.schema
+    ?? doc.components?.schemas?.SearchRequest;
+  const props = resolve(root, doc, root).properties;
+  if (!props) return;
+  offsetUnsupported = !("offset" in props);
+  const filterProps = resolve(root, doc, props.filters).properties || {};
+  let missing = 0;
+  for (const [name, selectors] of Object.entries(OPTION_CONTROLS)) {
+    setSupported(selectors, name in props);
+    missing += !(name in props);
+  }
+  for (const [name, selectors] of Object.entries(FILTER_CONTROLS)) {
+    setSupported(selectors, name in filterProps);
+    missing += !(name in filterProps);
+  }
+  $("options-note").hidden = missing === 0;
+  $("options").dataset.detected = "true";
+}
+
 // ---- request body ---------------------------------------------------------------------------------------
 function number(id) {
+  if ($(id).disabled) return undefined;
   const value = $(id).value.trim();
   return value === "" ? undefined : Number(value);
 }
 
 function dateSeconds(id, endOfDay) {
-  const value = $(id).value;
+  const value = $(id).disabled ? "" : $(id).value;
   if (!value) return undefined;
   const ms = Date.parse(`${value}T${endOfDay ? "23:59:59" : "00:00:00"}`);
   return Number.isFinite(ms) ? Math.floor(ms / 1000) : undefined;
@@ -34,9 +94,10 @@ export function filters() {
   const f = {};
   const kinds = [...document.querySelectorAll('input[name="kinds"]:checked')].map((c) => c.value);
   if (kinds.length) f.kinds = kinds;
-  const prefix = $("path_prefix").value.trim();
+  const text = (id) => ($(id).disabled ? "" : $(id).value.trim());
+  const prefix = text("path_prefix");
   if (prefix) f.path_prefix = prefix;
-  const exts = $("extensions").value.split(/[\s,]+/).filter(Boolean)
+  const exts = text("extensions").split(/[\s,]+/).filter(Boolean)
     .map((e) => (e.startsWith(".") ? e : `.${e}`).toLowerCase());
   if (exts.length) f.extensions = exts;
   const from = dateSeconds("mtime_from", false);
@@ -59,13 +120,13 @@ function body(query, k, offset) {
   const b = { ...query, k };
   const f = filters();
   if (f) b.filters = f;
-  const mode = $("mode").value;
+  const mode = $("mode").disabled ? "" : $("mode").value;
   if (mode) b.mode = mode;
   const alpha = number("alpha");
   if (mode === "hybrid" && alpha !== undefined) b.alpha = alpha;
   const minScore = number("min_score");
   if (minScore !== undefined) b.min_score = minScore;
-  if ($("deduplicate").checked) b.deduplicate = true;
+  if ($("deduplicate").checked && !$("deduplicate").disabled) b.deduplicate = true;
   if (offset) b.offset = offset;
   return b;
 }
@@ -307,6 +368,7 @@ export function initSearch(handlers) {
     clear($("detail-media"));
   });
   wireDrop();
+  detectOptions();
   const hash = new URLSearchParams(location.hash.slice(1)).get("q");
   if (hash) {
     $("q").value = hash;
