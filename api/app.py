@@ -20,6 +20,7 @@ from api.middleware import BodyLimitMiddleware
 from api.routes import admin, caption, chat, classify, health, images, openai_compat, search
 from api.service import Service
 from api.settings import Settings
+from api.web import page, thumbs
 from retrieval.base import Encoder
 
 logger = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ def create_app(
     )
     app.state.service = service
     install_error_handlers(app)
-    for module in (search, classify, caption, chat, images, admin, health, openai_compat):
+    for module in (search, classify, caption, chat, images, thumbs, admin, health, openai_compat, page):
         app.include_router(module.router)
     openai_compat.install(app)  # OpenAI error envelopes on /v1, limits in the OpenAPI document
     if settings.cors_origins:

@@ -7,7 +7,7 @@ Runs ``generate_shapes.py`` (coloured shapes on plain/textured backgrounds), ren
 clips of moving shapes (one shape and colour per second, see :data:`VIDEO_SCENES`) into the same folder,
 then ``build_index.py --model demo --video-segments 1`` (so ``/search`` also returns video moments, rows
 of ``kind: "segment"`` with ``t_start`` / ``t_end``), then ``python -m api --index ... --model demo``;
-prints curl examples.
+prints curl examples and the web page's address (``http://127.0.0.1:8000/``).
 """
 
 from __future__ import annotations
@@ -107,6 +107,12 @@ def curl_examples(host: str, port: int, image: Path) -> str:
     )
 
 
+def page_url(host: str, port: int) -> str:
+    """The web page's address (search, browse, classify and ask in a browser)."""
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    return f"http://{shown}:{port}/"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=Path("demo_data"), help="demo folder (images/ and index/)")
@@ -137,11 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     subprocess.run([*build, "--model", args.model, "--device", "cpu", "--no-progress"], check=True)
     first = pictures()[0]
     print("\nTry:\n" + curl_examples(args.host, args.port, first) + "\n")
+    url = page_url(args.host, args.port)
     if args.no_serve:
         print("[3/3] skipped (--no-serve); start the server with:")
         print(f"  python -m api --index {index} --model {args.model} --host {args.host} --port {args.port}")
+        print(f"then open the web page: {url}")
         return 0
     print(f"[3/3] serving on http://{args.host}:{args.port} (Ctrl-C stops)")
+    print(f"      open the web page: {url}  (search in English, 中文, 日本語, español or français)")
     serve = [sys.executable, "-m", "api", "--index", str(index), "--model", args.model]
     try:
         return subprocess.run([*serve, "--host", args.host, "--port", str(args.port)], check=False).returncode

@@ -24,6 +24,7 @@ def test_demo_builds_the_index_without_serving(tmp_path: Path, capsys: pytest.Ca
     out = capsys.readouterr().out
     assert "红色的圆形" in out and "/classify" in out and "python -m api --index" in out
     assert "000000.png" in out  # the classify example uses an image, not a video
+    assert "open the web page: http://127.0.0.1:8000/" in out
 
     from index import Index
     from retrieval import load_encoder
@@ -60,6 +61,11 @@ def test_demo_builds_the_index_without_serving(tmp_path: Path, capsys: pytest.Ca
     assert demo.main(["--out", str(tmp_path), "--n", "12", "--no-serve"]) == 0  # reruns reuse the images
     assert "reusing 12 images" in capsys.readouterr().out
     assert sorted(f.name for f in (tmp_path / "images").iterdir()) == files
+
+
+def test_page_url() -> None:
+    assert demo.page_url("127.0.0.1", 8000) == "http://127.0.0.1:8000/"
+    assert demo.page_url("0.0.0.0", 9000) == "http://127.0.0.1:9000/"  # an address a browser can open
 
 
 def test_curl_examples_are_valid_json_bodies() -> None:
