@@ -322,3 +322,32 @@ class Index(SaveMixin, QueryMixin):
         with self._lock:
             self._acquire_writer()
             self.store.touch(updates)
+
+    # ------------------------------------------------------------------ files and failures (builders)
+    def files(self, root: str) -> dict[str, tuple[int, int, int, str]]:
+        """``relpath -> (id, size, mtime_ns, hash)`` of file rows (image, whole video) under ``root``."""
+        return self.store.by_root(root, self._view)
+
+    def file_parts(self, root: str) -> dict[str, list[int]]:
+        """``relpath -> ids`` of the segment rows (``part > 0``) under ``root``."""
+        return self.store.parts_by_root(root, self._view)
+
+    def file_extras(self, root: str, like: str) -> dict[str, dict]:
+        """``relpath -> extra fields`` of file rows under ``root`` whose extra JSON contains ``like``."""
+        return self.store.extras_by_root(root, self._view, like)
+
+    def failures(self, root: str) -> dict[str, tuple[int, int, str, str]]:
+        """``relpath -> (size, mtime_ns, reason, message)`` of files under ``root`` that failed."""
+        return self.store.failures(root)
+
+    def set_failures(self, root: str, failures: Sequence[tuple[str, int, int, str, str]]) -> None:
+        """Record ``(relpath, size, mtime_ns, reason, message)`` failures under ``root`` (replacing)."""
+        with self._lock:
+            self._acquire_writer()
+            self.store.set_failures(root, failures)
+
+    def clear_failures(self, root: str, relpaths: Sequence[str]) -> None:
+        """Forget the failures of ``relpaths`` under ``root`` (they were read successfully)."""
+        with self._lock:
+            self._acquire_writer()
+            self.store.clear_failures(root, relpaths)
