@@ -440,7 +440,9 @@ def _collect_video(item: WorkItem, rec: dict, chunk: _Chunk, report: BuildReport
 
 
 def write_report(folder: Path, report: BuildReport) -> None:
-    """``build_report.json`` (summary + skipped files) and ``skipped.tsv`` in the index directory."""
+    """``build_report.json`` (summary + skipped files) and ``skipped.tsv`` in the index directory, the
+    skipped files sorted by path (the same for both engines)."""
+    report.skipped_files.sort()
     body = {
         **report.summary(),
         "skipped_files": [{"path": p, "reason": r, "message": m} for p, r, m in report.skipped_files],
