@@ -1,4 +1,4 @@
-"""Export -> clip-retrieval folder (read by embedding-reader if installed) -> import (issue 15, acceptance 4)."""
+"""Export -> clip-retrieval folder (embedding-reader reads it) -> import: issue 15, acceptance 4."""
 
 from __future__ import annotations
 
