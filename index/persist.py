@@ -62,10 +62,10 @@ class SaveMixin:
         if not (self._changed or factory != self._factory or self._rebuild_needed or (full and self._delta)):
             return
         new_gen = self._gen + 1
-        pending = self._pending_map()
-        next_seg = self._pending_seg
+        pending = self._pending.as_map()
+        next_seg = self._pending.seg
         if pending is not None:
-            self.vectors.write(self._pending_seg, pending[self._pending_seg])
+            self.vectors.write(self._pending.seg, pending[self._pending.seg])
             next_seg += 1
         merge = maintenance.plan_merge(self.store.segment_live_counts())
         if merge:
@@ -98,8 +98,8 @@ class SaveMixin:
         write_manifest(self.dir, manifest)  # the commit point
         previous = self._manifest
         self._manifest, self._gen = manifest, new_gen
-        self._pending, self._pending_n, self._pending_cat = [], 0, None
-        self._pending_seg, self._changed = next_seg, False
+        self._pending.reset(next_seg)
+        self._changed = False
         if write_faiss:
             self._delta = 0
         self._cleanup(previous.get("faiss_file"))
@@ -119,7 +119,7 @@ class SaveMixin:
     def _cleanup(self, keep_faiss: str | None = None) -> None:
         """Drop what no reader of the current or previous generation can need any more."""
         self.store.purge(min(self._gen - 2, int(self._manifest["faiss_generation"])))
-        in_use = self.store.segments_in_use() | {self._pending_seg}
+        in_use = self.store.segments_in_use() | {self._pending.seg}
         self.vectors.delete(sorted(self.vectors.existing() - in_use))
         keep = {self._manifest["faiss_file"], keep_faiss}
         for path in (self.dir / "faiss").iterdir():
