@@ -162,6 +162,15 @@ class ShardEmbedder:
         self.work.write_shard(shard, emb, metadata, records)
 
 
+def _unchanged(row: dict) -> bool:
+    """Whether the file of a shard row still has the row's size and mtime."""
+    try:
+        st = os.stat(os.path.join(row["root"], row["relpath"]))
+    except OSError:
+        return False
+    return (st.st_size, st.st_mtime_ns) == (row["size"], row["mtime_ns"])
+
+
 class ShardMerger:
     """Commits finished shards into an index (driver side), idempotently; see the module docstring."""
 
@@ -175,9 +184,17 @@ class ShardMerger:
             self._files[root] = self.index.files(root)
         return self._files[root]
 
-    def merge(self, shard: int, report: BuildReport) -> None:
-        """Add shard ``shard`` to the index, save, mark it merged; counts go to ``report``."""
+    def merge(self, shard: int, report: BuildReport, *, verify: bool = False) -> None:
+        """Add shard ``shard`` to the index, save, mark it merged; counts go to ``report``.
+
+        ``verify`` (shards of an earlier run): rows whose file no longer has the shard's size and mtime
+        are left out (the plan reads those files again), so a stale shard never replaces newer rows.
+        """
         vectors, meta, records = self.work.read_shard(shard)
+        if verify:
+            fresh = [k for k, m in enumerate(meta) if _unchanged(m)]
+            vectors, meta = vectors[fresh], [meta[k] for k in fresh]
+            records = [r for r in records if _unchanged(r)]
         chunk = _Chunk()
         keep: list[int] = []
         for k, m in enumerate(meta):
@@ -427,7 +444,7 @@ def build_index_ray(
         merger = ShardMerger(index, work)
         resumed = sorted(work.complete() - work.merged())
         for shard in resumed:  # finished by an earlier run that died before merging them
-            merger.merge(shard, BuildReport())
+            merger.merge(shard, BuildReport(), verify=True)
         if resumed:
             logger.info("merged %d shards an earlier run finished", len(resumed))
         work.drop_unfinished()

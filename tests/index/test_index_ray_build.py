@@ -160,3 +160,30 @@ def test_cli_ray_engine_prints_the_summary(tmp_path, ray_session):
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["added"] == 30 and summary["indexed"] == 30 and summary["skipped"] == 0
     assert (tmp_path / "idx" / "skipped.tsv").exists()
+
+
+def test_stale_shard_of_an_earlier_run_never_replaces_newer_rows(tmp_path, encoder):
+    from index.builder import BuildReport, open_or_create
+    from index.ray_engine import ShardMerger
+    from index.reader import content_hash
+
+    (image,) = make_images(tmp_path / "imgs", 1)
+    st = image.stat()
+    row = {"root": str(image.parent), "relpath": image.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    meta = [
+        {**row, "image_path": str(image), "hash": content_hash(image.read_bytes()), "width": 8, "height": 8}
+    ]
+    work = ShardDir(tmp_path / "shards").ensure()
+    work.write_shard(0, np.ones((1, encoder.embed_dim), np.float32) / encoder.embed_dim**0.5, meta, [])
+    work.write_shard(1, np.ones((1, encoder.embed_dim), np.float32) / encoder.embed_dim**0.5, meta, [])
+    image.write_bytes(image.read_bytes() + b"\0")  # the file changed after shard 1 was written
+    index = open_or_create(tmp_path / "idx", encoder)
+    try:
+        merger = ShardMerger(index, work)
+        merger.merge(1, BuildReport(), verify=True)
+        assert len(index) == 0 and work.merged() == {1}
+        merger.merge(0, report := BuildReport())  # this run's shard: taken as is, and only once
+        merger.merge(0, BuildReport())
+        assert len(index) == 1 and report.added == 1
+    finally:
+        index.close()
