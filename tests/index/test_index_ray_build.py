@@ -187,3 +187,21 @@ def test_stale_shard_of_an_earlier_run_never_replaces_newer_rows(tmp_path, encod
         assert len(index) == 1 and report.added == 1
     finally:
         index.close()
+
+
+def test_embedding_reader_reads_the_ray_shards(built):
+    try:
+        from embedding_reader import EmbeddingReader
+    except ImportError:
+        pytest.skip("embedding-reader is not installed (it pins pandas<3); the layout test covers the format")
+    work = ShardDir(shard_folder(built[0] / "ray"))
+    reader = EmbeddingReader(
+        embeddings_folder=str(work.dir / "img_emb"),
+        metadata_folder=str(work.dir / "metadata"),
+        meta_columns=["image_path"],
+        file_format="parquet_npy",
+    )
+    paths = []
+    for _, meta in reader(batch_size=500, start=0, end=reader.count, parallel_pieces=1, max_piece_size=500):
+        paths += list(meta["image_path"])
+    assert reader.count == len(set(paths)) == N_IMAGES
