@@ -133,13 +133,14 @@ def main() -> None:
 
         spec = {"model": str(model_dir), "mode": None, "device": args.device, "dtype": args.dtype}
         ray_dir = Path(tempfile.mkdtemp(prefix="index_ray_", dir=work))
-        ray_report = build_index_ray([paths[0].parent], ray_dir, encoder, spec, ray_address=args.ray_address,
-                                     shard_size=args.shard_size, batch_size=args.batch_size, index_type="flat",
-                                     progress=False)  # fmt: skip
+        ray_report = build_index_ray(
+            [paths[0].parent], ray_dir, encoder, spec, ray_address=args.ray_address,
+            shard_size=args.shard_size, batch_size=args.batch_size, index_type="flat", progress=False,
+        )  # fmt: skip
         assert ray_report.encoded == args.n, ray_report.summary()
         rate = ray_report.images_per_s
-        print(f"{'build_index --engine ray':28} {rate:10.1f} img/s   ({ray_report.seconds:.1f} s, Ray start-up "
-              f"included, shards of {args.shard_size})")  # fmt: skip
+        print(f"{'build_index --engine ray':28} {rate:10.1f} img/s   ({ray_report.seconds:.1f} s, "
+              f"Ray start-up included, shards of {args.shard_size})")  # fmt: skip
         print(f"{'ratio ray / local':28} {rate / build:10.2f}")
 
 
