@@ -22,18 +22,20 @@ logger = logging.getLogger(__name__)
 class SaveMixin:
     """``save`` / ``rebuild``; the state they change is set up by ``Index``."""
 
-    def save(self, *, full: bool = False) -> None:
+    def save(self, *, full: bool = False, keep_structure: bool = False) -> None:
         """Commit all changes atomically (vectors, rows, FAISS, then the manifest last).
 
         The FAISS file is rewritten when the pending delta has grown large, when the index type
         calls for another structure (e.g. ``auto`` crossing to IVF, IVF lists outgrown), or with
         ``full=True``; otherwise readers replay the small delta from SQLite on open.
+        ``keep_structure`` (bulk loads) keeps the current FAISS structure, so that a later
+        ``save(full=True)`` trains the final one once on a sample of everything added.
         """
         with self._lock:
             if not self._writer:
                 self._acquire_writer()
             try:
-                self._save(full)
+                self._save(full, keep_structure)
             except BaseException:
                 logger.error("saving %s failed: its unsaved changes are dropped", self.dir)
                 self._reset()
@@ -51,7 +53,7 @@ class SaveMixin:
         except (OSError, ValueError) as exc:
             logger.error("cannot reload %s: %s", self.dir, exc)
 
-    def _save(self, full: bool) -> None:
+    def _save(self, full: bool, keep_structure: bool = False) -> None:
         """The body of :meth:`save` (lock held)."""
         factory = fx.choose_factory(
             self._manifest["index_type"],
@@ -59,6 +61,8 @@ class SaveMixin:
             self.dim,
             int(self._manifest.get("memory_budget", fx.DEFAULT_MEMORY_BUDGET)),
         )
+        if keep_structure and not full:
+            factory = self._factory
         if not (self._changed or factory != self._factory or self._rebuild_needed or (full and self._delta)):
             return
         new_gen = self._gen + 1

@@ -264,7 +264,7 @@ class ShardMerger:
             index.set_failures(root, failures)
         for root, fixed in chunk.fixed.items():
             index.clear_failures(root, fixed)
-        index.save()
+        index.save(keep_structure=True)  # the final full save trains IVF once, on a sample of all shards
 
 
 def read_list(

@@ -205,3 +205,25 @@ def test_embedding_reader_reads_the_ray_shards(built):
     for _, meta in reader(batch_size=500, start=0, end=reader.count, parallel_pieces=1, max_piece_size=500):
         paths += list(meta["image_path"])
     assert reader.count == len(set(paths)) == N_IMAGES
+
+
+def test_ivf_is_trained_once_after_all_shards(tmp_path, encoder, ray_session, monkeypatch):
+    from index import maintenance
+
+    calls = []
+    real = maintenance.rebuild_faiss
+
+    def counting(*args, **kwargs):  # noqa: ANN002, ANN003
+        calls.append(args[3])  # the factory string
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(maintenance, "rebuild_faiss", counting)
+    make_images(tmp_path / "imgs", 640)
+    report = build_index_ray(
+        [tmp_path / "imgs"], tmp_path / "idx", encoder, SPEC, shard_size=80, index_type="ivf-flat",
+        progress=False, max_pixels=TEST_MAX_PIXELS,
+    )  # fmt: skip
+    assert report.added == 640
+    assert calls == ["IVF16,Flat"]  # 8 shards merged, one training at the end (not IVF8, then IVF16)
+    with Index.open(tmp_path / "idx") as index:
+        assert index.manifest["faiss_factory"] == "IVF16,Flat" and len(index) == 640
