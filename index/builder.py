@@ -28,7 +28,7 @@ from chat.video import VIDEO_EXTENSIONS, VideoDecodeError
 from index.index import Index
 from index.reader import ImageFileDataset, make_loader
 from index.vectors import atomic_write
-from index.walk import Plan, WorkItem, plan_root, resolve_roots, walk
+from index.walk import FileEntry, Plan, WorkItem, plan_root, resolve_roots, walk
 from retrieval.base import Encoder
 from retrieval.images import DEFAULT_MAX_PIXELS, supported_extensions
 from retrieval.video import VIDEO_EMBED_FRAMES, embed_video
@@ -107,9 +107,9 @@ class _Chunk:
         if self.touched:
             index.touch(self.touched)
         for root, failures in self.failed.items():
-            index.store.set_failures(root, failures)
+            index.set_failures(root, failures)
         for root, fixed in self.fixed.items():
-            index.store.clear_failures(root, fixed)
+            index.clear_failures(root, fixed)
         index.save()
         self.__init__()
 
@@ -143,35 +143,13 @@ def build_index(
         raise ValueError("batch_size and commit_every must be positive")
     if video_segments is not None and not video_segments > 0:
         raise ValueError(f"video_segments must be > 0 seconds, got {video_segments}")
-    extensions = supported_extensions() | VIDEO_EXTENSIONS if videos else supported_extensions()
     start = time.perf_counter()
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
     roots = resolve_roots(roots)
     index = open_or_create(index_dir, encoder, index_type)
     try:
         report = BuildReport()
-        plan = Plan()
-        walk_errors: list[tuple[str, str, str]] = []
-        seen: set[tuple[int, int]] = set()
-        for root in roots:
-            on_error = lambda p, r, m: walk_errors.append((p, r, m))  # noqa: E731
-            entries = walk([root], on_error, extensions, within=roots, seen=seen)
-            gen = index.view_generation
-            indexed_videos = index.store.extras_by_root(root, gen, '"kind": "video"')
-            stale = {
-                rel for rel, extra in indexed_videos.items() if extra.get("video_segments") != video_segments
-            }
-            plan_root(
-                entries,
-                index.store.by_root(root, gen),
-                index.store.failures(root),
-                plan,
-                index.store.parts_by_root(root, gen),
-                stale,
-            )
-        report.scanned, report.unchanged = plan.scanned + len(walk_errors), plan.unchanged
-        report.skipped_files.extend(walk_errors + plan.known_bad)
-        logger.info("%d files, %d to read, %d unchanged", plan.scanned, len(plan.work), plan.unchanged)
+        plan = plan_build(roots, index, report, videos=videos, video_segments=video_segments)
         video_work = [w for w in plan.work if _is_video(w.relpath)]
         plan.work = [w for w in plan.work if not _is_video(w.relpath)]
 
@@ -197,42 +175,114 @@ def build_index(
                 if throttle:
                     time.sleep(throttle)
             chunk.commit(index)
-            if video_work:
-                logger.info("%d videos to read", len(video_work))
-            for item in video_work:
-                rec = _read_video(
-                    item,
-                    encoder,
-                    segment_seconds=video_segments,
-                    max_duration=max_video_seconds,
-                    max_pixels=max_pixels,
-                    max_bytes=max_video_bytes,
-                    batch_size=batch_size,
-                )
-                _collect_video(item, rec, chunk, report)
-                bar.update(1)
-                if len(chunk) >= commit_every:
-                    chunk.commit(index)
-                if throttle:
-                    time.sleep(throttle)
-            chunk.commit(index)
+            embed_videos(
+                video_work,
+                index,
+                encoder,
+                chunk,
+                report,
+                bar=bar,
+                commit_every=commit_every,
+                throttle=throttle,
+                video_segments=video_segments,
+                max_video_seconds=max_video_seconds,
+                max_pixels=max_pixels,
+                max_video_bytes=max_video_bytes,
+                batch_size=batch_size,
+            )
         except KeyboardInterrupt:
             logger.warning("interrupted: saving the %d rows encoded so far", len(chunk.rows))
             chunk.commit(index)
             raise
         finally:
             bar.close()
-        if prune and plan.deleted:
-            report.removed += index.remove(plan.deleted)
-        index.save(full=True)
-        report.skipped = len(report.skipped_files)
-        report.indexed = len(index)
-        report.seconds = time.perf_counter() - start
-        report.images_per_s = report.encoded / report.seconds if report.seconds > 0 else 0.0
-        write_report(index.dir, report)
+        finish_build(index, plan, report, start, prune=prune)
     finally:
         index.close()  # releases the writer lock, also after an error
     return report
+
+
+def plan_build(
+    roots: Sequence[str],
+    index: Index,
+    report: BuildReport,
+    *,
+    videos: bool = True,
+    video_segments: float | None = None,
+    listed: dict[str, list[tuple[str, int, int]]] | None = None,
+) -> Plan:
+    """Walk resolved ``roots`` (or take ``listed``: ``root -> [(relpath, size, mtime_ns)]``) and diff
+    them against ``index``; fills ``report``'s scanned / unchanged / skipped_files."""
+    extensions = supported_extensions() | VIDEO_EXTENSIONS if videos else supported_extensions()
+    plan = Plan()
+    walk_errors: list[tuple[str, str, str]] = []
+    seen: set[tuple[int, int]] = set()
+    for root in roots if listed is None else list(listed):
+        if listed is None:
+            on_error = lambda p, r, m: walk_errors.append((p, r, m))  # noqa: E731
+            entries = walk([root], on_error, extensions, within=roots, seen=seen)
+        else:
+            entries = (FileEntry(root, rel, size, mtime) for rel, size, mtime in listed[root])
+        indexed_videos = index.file_extras(root, '"kind": "video"')
+        stale = {
+            rel for rel, extra in indexed_videos.items() if extra.get("video_segments") != video_segments
+        }
+        plan_root(entries, index.files(root), index.failures(root), plan, index.file_parts(root), stale)
+    report.scanned, report.unchanged = plan.scanned + len(walk_errors), plan.unchanged
+    report.skipped_files.extend(walk_errors + plan.known_bad)
+    logger.info("%d files, %d to read, %d unchanged", plan.scanned, len(plan.work), plan.unchanged)
+    return plan
+
+
+def embed_videos(
+    video_work: Sequence[WorkItem],
+    index: Index,
+    encoder: Encoder,
+    chunk: _Chunk,
+    report: BuildReport,
+    *,
+    bar: tqdm | None = None,
+    commit_every: int = 1024,
+    throttle: float = 0.0,
+    video_segments: float | None = None,
+    max_video_seconds: float | None = DEFAULT_MAX_VIDEO_SECONDS,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    max_video_bytes: int = DEFAULT_MAX_VIDEO_BYTES,
+    batch_size: int = 32,
+) -> None:
+    """Embed videos one at a time in this process and commit them (a video's rows together)."""
+    if video_work:
+        logger.info("%d videos to read", len(video_work))
+    for item in video_work:
+        rec = _read_video(
+            item,
+            encoder,
+            segment_seconds=video_segments,
+            max_duration=max_video_seconds,
+            max_pixels=max_pixels,
+            max_bytes=max_video_bytes,
+            batch_size=batch_size,
+        )
+        _collect_video(item, rec, chunk, report)
+        if bar is not None:
+            bar.update(1)
+        if len(chunk) >= commit_every:
+            chunk.commit(index)
+        if throttle:
+            time.sleep(throttle)
+    chunk.commit(index)
+
+
+def finish_build(index: Index, plan: Plan, report: BuildReport, start: float, *, prune: bool = False) -> None:
+    """Prune, final full save, counts and ``build_report.json`` / ``skipped.tsv``."""
+    if prune and plan.deleted:
+        report.removed += index.remove(plan.deleted)
+    index.save(full=True)
+    report.skipped = len(report.skipped_files)
+    report.indexed = len(index)
+    report.seconds = time.perf_counter() - start
+    report.images_per_s = report.encoded / report.seconds if report.seconds > 0 else 0.0
+    write_report(index.dir, report)
 
 
 def _collect(
@@ -390,7 +440,9 @@ def _collect_video(item: WorkItem, rec: dict, chunk: _Chunk, report: BuildReport
 
 
 def write_report(folder: Path, report: BuildReport) -> None:
-    """``build_report.json`` (summary + skipped files) and ``skipped.tsv`` in the index directory."""
+    """``build_report.json`` (summary + skipped files) and ``skipped.tsv`` in the index directory, the
+    skipped files sorted by path (the same for both engines)."""
+    report.skipped_files.sort()
     body = {
         **report.summary(),
         "skipped_files": [{"path": p, "reason": r, "message": m} for p, r, m in report.skipped_files],

@@ -49,9 +49,23 @@ def _pow2_floor(x: float) -> int:
     return 1 << int(math.floor(math.log2(x))) if x >= 1 else 0
 
 
+#: up to this many vectors IVF uses at most :data:`NLIST_CAP` lists; beyond, the cap grows to NLIST_CAP_LARGE
+LARGE_COLLECTION = 100_000_000
+NLIST_CAP = 65_536
+NLIST_CAP_LARGE = 1 << 18
+#: target vectors per list above LARGE_COLLECTION (2^18 lists at 1B vectors: ~3.8k per list)
+LARGE_LIST_SIZE = 3_000
+
+
 def nlist_for(n: int) -> int:
-    """IVF list count: ~4*sqrt(n) (power of two) with >= 39 training points per list; 0 = too few."""
-    nlist = min(_pow2_floor(4 * math.sqrt(max(n, 1))), _pow2_floor(n / 39), 65536)
+    """IVF list count: ~4*sqrt(n) (power of two) with >= 39 training points per list; 0 = too few.
+
+    Capped at 65,536 up to 100M vectors (4*sqrt(n) stays below it there); above, about n / 3,000 lists
+    (at least 65,536, at most 2^18), so lists stay a few thousand vectors long at 1B (docs/scale-out.md).
+    """
+    if n > LARGE_COLLECTION:
+        return max(NLIST_CAP, min(NLIST_CAP_LARGE, _pow2_floor(n / LARGE_LIST_SIZE)))
+    nlist = min(_pow2_floor(4 * math.sqrt(max(n, 1))), _pow2_floor(n / 39), NLIST_CAP)
     return nlist if nlist >= 8 else 0
 
 

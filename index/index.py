@@ -40,7 +40,7 @@ from index.manifest import (  # noqa: F401 - the errors are re-exported for ``fr
 from index.persist import SaveMixin
 from index.query import RERANK_FACTOR, QueryMixin
 from index.store import SCHEMA_VERSION, MetaStore
-from index.vectors import VectorStore
+from index.vectors import PendingSegment, VectorStore
 
 logger = logging.getLogger(__name__)
 
@@ -146,10 +146,7 @@ class Index(SaveMixin, QueryMixin):
         self._forget(removed)
         self._delta = len(added) + len(removed)
         self._count = self.store.count(self._gen)
-        self._pending: list[np.ndarray] = []
-        self._pending_n = 0
-        self._pending_cat: np.ndarray | None = None
-        self._pending_seg = int(manifest["next_segment"])
+        self._pending = PendingSegment(int(manifest["next_segment"]))
         self._changed = False
         self._rebuild_needed = False
         self._search_index = None
@@ -261,7 +258,7 @@ class Index(SaveMixin, QueryMixin):
         self._writer = True
         # never reuse the id of a segment an interrupted save may have left referenced
         used = self.store.segments_in_use() | self.vectors.existing()
-        self._pending_seg = max(self._pending_seg, max(used, default=-1) + 1)
+        self._pending.seg = max(self._pending.seg, max(used, default=-1) + 1)
         self._cleanup()
 
     # ---------------------------------------------------------------------------- mutation
@@ -284,17 +281,15 @@ class Index(SaveMixin, QueryMixin):
             self._acquire_writer()
             start = self.store.max_id() + 1
             ids = np.arange(start, start + len(rows), dtype=np.int64)
-            offsets = range(self._pending_n, self._pending_n + len(rows))
+            offsets = range(self._pending.n, self._pending.n + len(rows))
             try:
-                self.store.insert(ids, rows, self._pending_seg, offsets, self._gen + 1)
+                self.store.insert(ids, rows, self._pending.seg, offsets, self._gen + 1)
             except sqlite3.IntegrityError as exc:
                 raise ValueError(
                     f"a row with one of these paths is already indexed ({exc}); remove it first"
                 ) from exc
             half = vectors.astype(np.float16)
             self._pending.append(half)
-            self._pending_n += len(rows)
-            self._pending_cat = None
             stored = half.astype(np.float32)
             self._faiss.add_with_ids(stored, ids)
             self._add_to_search_copy(stored, ids)
@@ -322,3 +317,32 @@ class Index(SaveMixin, QueryMixin):
         with self._lock:
             self._acquire_writer()
             self.store.touch(updates)
+
+    # ------------------------------------------------------------------ files and failures (builders)
+    def files(self, root: str) -> dict[str, tuple[int, int, int, str]]:
+        """``relpath -> (id, size, mtime_ns, hash)`` of file rows (image, whole video) under ``root``."""
+        return self.store.by_root(root, self._view)
+
+    def file_parts(self, root: str) -> dict[str, list[int]]:
+        """``relpath -> ids`` of the segment rows (``part > 0``) under ``root``."""
+        return self.store.parts_by_root(root, self._view)
+
+    def file_extras(self, root: str, like: str) -> dict[str, dict]:
+        """``relpath -> extra fields`` of file rows under ``root`` whose extra JSON contains ``like``."""
+        return self.store.extras_by_root(root, self._view, like)
+
+    def failures(self, root: str) -> dict[str, tuple[int, int, str, str]]:
+        """``relpath -> (size, mtime_ns, reason, message)`` of files under ``root`` that failed."""
+        return self.store.failures(root)
+
+    def set_failures(self, root: str, failures: Sequence[tuple[str, int, int, str, str]]) -> None:
+        """Record ``(relpath, size, mtime_ns, reason, message)`` failures under ``root`` (replacing)."""
+        with self._lock:
+            self._acquire_writer()
+            self.store.set_failures(root, failures)
+
+    def clear_failures(self, root: str, relpaths: Sequence[str]) -> None:
+        """Forget the failures of ``relpaths`` under ``root`` (they were read successfully)."""
+        with self._lock:
+            self._acquire_writer()
+            self.store.clear_failures(root, relpaths)

@@ -22,18 +22,20 @@ logger = logging.getLogger(__name__)
 class SaveMixin:
     """``save`` / ``rebuild``; the state they change is set up by ``Index``."""
 
-    def save(self, *, full: bool = False) -> None:
+    def save(self, *, full: bool = False, keep_structure: bool = False) -> None:
         """Commit all changes atomically (vectors, rows, FAISS, then the manifest last).
 
         The FAISS file is rewritten when the pending delta has grown large, when the index type
         calls for another structure (e.g. ``auto`` crossing to IVF, IVF lists outgrown), or with
         ``full=True``; otherwise readers replay the small delta from SQLite on open.
+        ``keep_structure`` (bulk loads) keeps the current FAISS structure, so that a later
+        ``save(full=True)`` trains the final one once on a sample of everything added.
         """
         with self._lock:
             if not self._writer:
                 self._acquire_writer()
             try:
-                self._save(full)
+                self._save(full, keep_structure)
             except BaseException:
                 logger.error("saving %s failed: its unsaved changes are dropped", self.dir)
                 self._reset()
@@ -51,7 +53,7 @@ class SaveMixin:
         except (OSError, ValueError) as exc:
             logger.error("cannot reload %s: %s", self.dir, exc)
 
-    def _save(self, full: bool) -> None:
+    def _save(self, full: bool, keep_structure: bool = False) -> None:
         """The body of :meth:`save` (lock held)."""
         factory = fx.choose_factory(
             self._manifest["index_type"],
@@ -59,13 +61,15 @@ class SaveMixin:
             self.dim,
             int(self._manifest.get("memory_budget", fx.DEFAULT_MEMORY_BUDGET)),
         )
+        if keep_structure and not full:
+            factory = self._factory
         if not (self._changed or factory != self._factory or self._rebuild_needed or (full and self._delta)):
             return
         new_gen = self._gen + 1
-        pending = self._pending_map()
-        next_seg = self._pending_seg
+        pending = self._pending.as_map()
+        next_seg = self._pending.seg
         if pending is not None:
-            self.vectors.write(self._pending_seg, pending[self._pending_seg])
+            self.vectors.write(self._pending.seg, pending[self._pending.seg])
             next_seg += 1
         merge = maintenance.plan_merge(self.store.segment_live_counts())
         if merge:
@@ -98,8 +102,8 @@ class SaveMixin:
         write_manifest(self.dir, manifest)  # the commit point
         previous = self._manifest
         self._manifest, self._gen = manifest, new_gen
-        self._pending, self._pending_n, self._pending_cat = [], 0, None
-        self._pending_seg, self._changed = next_seg, False
+        self._pending.reset(next_seg)
+        self._changed = False
         if write_faiss:
             self._delta = 0
         self._cleanup(previous.get("faiss_file"))
@@ -119,7 +123,7 @@ class SaveMixin:
     def _cleanup(self, keep_faiss: str | None = None) -> None:
         """Drop what no reader of the current or previous generation can need any more."""
         self.store.purge(min(self._gen - 2, int(self._manifest["faiss_generation"])))
-        in_use = self.store.segments_in_use() | {self._pending_seg}
+        in_use = self.store.segments_in_use() | {self._pending.seg}
         self.vectors.delete(sorted(self.vectors.existing() - in_use))
         keep = {self._manifest["faiss_file"], keep_faiss}
         for path in (self.dir / "faiss").iterdir():

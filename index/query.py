@@ -36,18 +36,11 @@ class QueryMixin:
         missing = [i for i in ids if i not in locs]
         if missing:
             raise KeyError(f"ids not in the index: {missing[:10]}")
-        return self.vectors.gather([locs[i] for i in ids], self._pending_map())
+        return self.vectors.gather([locs[i] for i in ids], self._pending.as_map())
 
     def ids(self) -> np.ndarray:
         """All ids in the index, ascending."""
         return np.asarray([i for i, _, _ in self.store.live_locations(self._view)], dtype=np.int64)
-
-    def _pending_map(self) -> dict[int, np.ndarray] | None:
-        if not self._pending:
-            return None
-        if self._pending_cat is None:
-            self._pending_cat = np.concatenate(self._pending)
-        return {self._pending_seg: self._pending_cat}
 
     def set_search_params(
         self,
@@ -129,7 +122,7 @@ class QueryMixin:
         known = np.asarray([i for i in uniq.tolist() if i in locs], dtype=np.int64)
         if not len(known):
             return np.full(cand.shape, np.nan, dtype=np.float32), np.full_like(cand, -1)
-        vecs = self.vectors.gather([locs[int(i)] for i in known], self._pending_map())
+        vecs = self.vectors.gather([locs[int(i)] for i in known], self._pending.as_map())
         pos = np.minimum(np.searchsorted(known, cand), len(known) - 1)
         ok = (cand >= 0) & (known[pos] == cand)
         gathered = vecs[pos]  # (Q, fetch, D)

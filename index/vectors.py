@@ -110,3 +110,34 @@ class VectorStore:
                 self.path(seg).unlink(missing_ok=True)
         for p in self.folder.glob(".seg-*.tmp"):
             p.unlink(missing_ok=True)
+
+
+class PendingSegment:
+    """Vectors added since the last save, in order: the next segment ``seg``, which the save writes.
+
+    The index's one owner of its unsaved vectors: the write side appends and resets, the read side
+    gathers from :meth:`as_map`.
+    """
+
+    def __init__(self, seg: int) -> None:
+        self.seg = int(seg)
+        self.n = 0
+        self._parts: list[np.ndarray] = []
+        self._cat: np.ndarray | None = None
+
+    def append(self, vectors: np.ndarray) -> None:
+        self._parts.append(vectors)
+        self.n += len(vectors)
+        self._cat = None
+
+    def as_map(self) -> dict[int, np.ndarray] | None:
+        """``{seg: (n, D) vectors}`` for :meth:`VectorStore.gather`, or None when nothing is pending."""
+        if not self._parts:
+            return None
+        if self._cat is None:
+            self._cat = np.concatenate(self._parts)
+        return {self.seg: self._cat}
+
+    def reset(self, seg: int) -> None:
+        """Empty, with ``seg`` as the next segment (after a save)."""
+        self.seg, self.n, self._parts, self._cat = int(seg), 0, [], None

@@ -115,6 +115,8 @@ class WorkItem:
     old_id: int | None = None
     expect_hash: str | None = None
     old_parts: list[int] = field(default_factory=list)  #: the old row's segment rows (videos)
+    size: int | None = None  #: as walked (the shard manifests of the Ray engine carry it)
+    mtime_ns: int | None = None
 
     @property
     def path(self) -> str:
@@ -150,24 +152,25 @@ def plan_root(
     for e in entries:
         plan.scanned += 1
         seen.add(e.relpath)
+        stat = {"size": e.size, "mtime_ns": e.mtime_ns}
         known = existing.get(e.relpath)
         if known is not None:
             rid, size, mtime_ns, digest = known
             old_parts = list(parts.get(e.relpath, ()))
             if e.relpath in stale:
-                plan.work.append(WorkItem(e.root, e.relpath, rid, old_parts=old_parts))
+                plan.work.append(WorkItem(e.root, e.relpath, rid, old_parts=old_parts, **stat))
             elif size == e.size and mtime_ns == e.mtime_ns:
                 plan.unchanged += 1
             elif size == e.size and digest:
-                plan.work.append(WorkItem(e.root, e.relpath, rid, digest, old_parts))
+                plan.work.append(WorkItem(e.root, e.relpath, rid, digest, old_parts, **stat))
             else:
-                plan.work.append(WorkItem(e.root, e.relpath, rid, old_parts=old_parts))
+                plan.work.append(WorkItem(e.root, e.relpath, rid, old_parts=old_parts, **stat))
             continue
         bad = failures.get(e.relpath)
         if bad is not None and bad[:2] == (e.size, e.mtime_ns) and bad[2] != "unreadable":
             plan.known_bad.append((e.path, bad[2], bad[3]))
             continue
-        plan.work.append(WorkItem(e.root, e.relpath))
+        plan.work.append(WorkItem(e.root, e.relpath, **stat))
     for rel, (rid, *_rest) in existing.items():
         if rel not in seen:
             plan.deleted.extend([rid, *parts.get(rel, ())])

@@ -2,12 +2,15 @@
 """build_index throughput against the encoder's raw ``encode_pixels`` rate, on the same model, in one run.
 
     python scripts/bench_build.py [--n 256] [--size 1600x1200] [--batch-size 32] [--workers N] [--device cpu]
+        [--engine local|ray] [--shard-size N] [--ray-address ADDR]
 
 The model is an OpenCLIP ViT-B-32 with random weights (same compute as real weights), saved in the
 OpenCLIP folder layout and loaded through ``retrieval.load_encoder``. The folder holds ``--n``
 generated photo-like JPEGs. Printed: raw encode images/s (ready tensors, no I/O), single-process
 decode+preprocess images/s, build_index images/s (walk, decode in workers, encode, write, commits)
-and the ratio build / raw; near 1 means decoding is hidden behind encoding.
+and the ratio build / raw; near 1 means decoding is hidden behind encoding. ``--engine ray`` also builds
+the same folder with the Ray engine (a local Ray instance on the same cores unless ``--ray-address``)
+and prints ray / local: the engine's overhead on one machine (start-up, actors, shard files, merge).
 """
 
 from __future__ import annotations
@@ -95,6 +98,9 @@ def main() -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--workdir", default=None, help="keeps the model and photos between runs")
+    p.add_argument("--engine", choices=["local", "ray"], default="local", help="ray: both engines, ratio")
+    p.add_argument("--shard-size", type=int, default=64, help="images per shard (ray)")
+    p.add_argument("--ray-address", default=None)
     args = p.parse_args()
     width, height = (int(v) for v in args.size.lower().split("x"))
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_build_"))
@@ -122,6 +128,20 @@ def main() -> None:
         ceiling = 1 / (1 + raw / (dec * cpus))
         print(f"{'CPU-only ceiling':28} {ceiling:10.2f}   = 1 / (1 + raw / (decode x {cpus} CPUs)): decoding "
               "takes CPU time away from the encoder; on a GPU the ceiling is 1")  # fmt: skip
+    if args.engine == "ray":
+        from index.ray_engine import build_index_ray
+
+        spec = {"model": str(model_dir), "mode": None, "device": args.device, "dtype": args.dtype}
+        ray_dir = Path(tempfile.mkdtemp(prefix="index_ray_", dir=work))
+        ray_report = build_index_ray(
+            [paths[0].parent], ray_dir, encoder, spec, ray_address=args.ray_address,
+            shard_size=args.shard_size, batch_size=args.batch_size, index_type="flat", progress=False,
+        )  # fmt: skip
+        assert ray_report.encoded == args.n, ray_report.summary()
+        rate = ray_report.images_per_s
+        print(f"{'build_index --engine ray':28} {rate:10.1f} img/s   ({ray_report.seconds:.1f} s, "
+              f"Ray start-up included, shards of {args.shard_size})")  # fmt: skip
+        print(f"{'ratio ray / local':28} {rate / build:10.2f}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,14 @@
     python scripts/build_index.py FOLDER [FOLDER ...] --index DIR --model PATH [--mode internvl-c|internvl-g]
         [--batch-size N] [--workers N] [--index-type auto|flat|ivf-flat|ivf-pq|hnsw] [--device cpu|cuda]
         [--prune] [--max-pixels N] [--video-segments SECONDS] [--max-video-seconds S] [--no-videos]
+        [--engine local|ray] [--ray-address auto|HOST:PORT] [--shard-size N] [--encoders N] [--decoders N]
+        [--from-list PATHS.parquet]
+
+``--engine ray`` (extra ``.[distributed]``) plans on this machine, decodes and encodes on a Ray cluster
+(``--ray-address``; default: a local Ray instance) shard by shard and merges into the same index; a
+re-run after a crash does only the missing shards (``index/ray_engine.py``, ``docs/scale-out.md``).
+``--from-list`` takes a parquet file with a ``path`` column (optional ``size``, ``mtime`` in ns) instead
+of walking; FOLDERs, when given, are the roots the listed paths are stored under.
 
 Videos (mp4, mov, mkv, webm, avi, m4v) get one row each (mean embedding of 8 uniformly sampled frames,
 ``kind: "video"``) and, with ``--video-segments S``, one row per S-second segment (``kind: "segment"``,
@@ -12,7 +20,8 @@ Videos (mp4, mov, mkv, webm, avi, m4v) get one row each (mean embedding of 8 uni
 Progress goes to stderr; the last line on stdout is a JSON summary
 ``{"scanned", "added", "updated", "removed", "skipped", "seconds", "images_per_s", ...}``. Skipped files
 and their reasons are listed in ``DIR/skipped.tsv`` and ``DIR/build_report.json``. Exit status: 0 when
-the run completed (skips included), 2 bad arguments, 3 model or index problem, 4 I/O error, 130 interrupted.
+the run completed (skips included), 2 bad arguments, 3 model or index problem, 4 I/O error,
+5 the Ray pipeline failed (finished shards are kept), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ logger = logging.getLogger("build_index")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("folders", nargs="+", metavar="FOLDER", help="image folders to index (recursive)")
+    p.add_argument("folders", nargs="*", metavar="FOLDER", help="image folders to index (recursive)")
     p.add_argument("--index", required=True, metavar="DIR", help="index directory (created if missing)")
     p.add_argument("--model", required=True, metavar="PATH", help='model folder, or "demo"')
     p.add_argument("--mode", choices=["internvl-c", "internvl-g", "openclip"], default=None)
@@ -88,6 +97,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"skip larger video files (default {DEFAULT_MAX_VIDEO_BYTES})",
     )
     p.add_argument("--no-videos", action="store_true", help="index images only")
+    p.add_argument("--engine", choices=["local", "ray"], default="local", help="where to decode and encode")
+    p.add_argument(
+        "--ray-address", default=None, metavar="ADDR", help="Ray cluster: auto or HOST:PORT (default: local)"
+    )
+    p.add_argument("--shard-size", type=int, default=10_000, metavar="N", help="images per shard (ray)")
+    p.add_argument(
+        "--encoders", type=int, default=None, metavar="N", help="encoder actors (ray; default: GPUs or 1)"
+    )
+    p.add_argument(
+        "--decoders", type=int, default=None, metavar="N", help="decode tasks (ray; default: free CPUs)"
+    )
+    p.add_argument(
+        "--from-list", default=None, metavar="PARQUET", help="parquet of paths to index instead of walking"
+    )
     p.add_argument("--commit-every", type=int, default=1024, metavar="N", help="images per committed chunk")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--verbose", "-v", action="store_true")
@@ -102,6 +125,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--max-video-seconds and --max-video-bytes must be positive")
     if args.workers is not None and args.workers < 0:
         p.error("--workers must be >= 0")
+    if not args.folders and args.from_list is None:
+        p.error("give FOLDER arguments or --from-list")
+    if args.shard_size < 1 or any(v is not None and v < 1 for v in (args.encoders, args.decoders)):
+        p.error("--shard-size, --encoders and --decoders must be >= 1")
+    ray_only = ("ray_address", "encoders", "decoders", "from_list")
+    if args.engine == "local" and any(getattr(args, n) is not None for n in ray_only):
+        p.error("--ray-address, --encoders, --decoders and --from-list need --engine ray")
     return args
 
 
@@ -120,24 +150,46 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"error: cannot load model {args.model!r}: {exc}", file=sys.stderr)
         return 3
+    common = dict(
+        batch_size=args.batch_size,
+        index_type=args.index_type,
+        prune=args.prune,
+        max_pixels=args.max_pixels,
+        progress=not args.no_progress,
+        throttle=args.throttle,
+        videos=not args.no_videos,
+        video_segments=args.video_segments,
+        max_video_seconds=args.max_video_seconds,
+        max_video_bytes=args.max_video_bytes,
+    )
+    engine_error: type[Exception] = RuntimeError
     try:
-        report = build_index(
-            args.folders,
-            args.index,
-            encoder,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            index_type=args.index_type,
-            prune=args.prune,
-            max_pixels=args.max_pixels,
-            commit_every=args.commit_every,
-            progress=not args.no_progress,
-            throttle=args.throttle,
-            videos=not args.no_videos,
-            video_segments=args.video_segments,
-            max_video_seconds=args.max_video_seconds,
-            max_video_bytes=args.max_video_bytes,
-        )
+        if args.engine == "ray":
+            from index.ray_engine import RayEngineError, build_index_ray
+
+            engine_error = RayEngineError
+            spec = {"model": args.model, "mode": args.mode, "device": args.device, "dtype": args.dtype}
+            report = build_index_ray(
+                args.folders,
+                args.index,
+                encoder,
+                spec,
+                ray_address=args.ray_address,
+                shard_size=args.shard_size,
+                encoders=args.encoders,
+                decoders=args.decoders,
+                from_list=args.from_list,
+                **common,
+            )
+        else:
+            report = build_index(
+                args.folders,
+                args.index,
+                encoder,
+                workers=args.workers,
+                commit_every=args.commit_every,
+                **common,
+            )
     except KeyboardInterrupt:
         print("interrupted; committed work is kept, re-run to finish", file=sys.stderr)
         return 130
@@ -147,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 4
+    except engine_error as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 5
     if report.skipped:
         print(f"{report.skipped} files skipped, listed in {args.index}/skipped.tsv", file=sys.stderr)
     print(json.dumps(report.summary()))

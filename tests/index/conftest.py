@@ -79,3 +79,17 @@ def make_bad_files(folder: Path) -> dict[str, str]:
     (folder / "dangling.jpg").symlink_to(folder / "does-not-exist.jpg")
     expected["dangling.jpg"] = "unreadable"
     return expected
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance per test session (2 CPUs, small object store, no dashboard).
+
+    Ray >= 2.59 turns token authentication on for local instances: ``ray.init`` generates the token
+    (``~/.ray/auth_token``), which subprocesses attaching with ``--ray-address`` read as well.
+    """
+    ray = pytest.importorskip("ray", reason="the Ray engine needs the [distributed] extra")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, object_store_memory=256 << 20, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
