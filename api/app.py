@@ -17,7 +17,7 @@ from api.errors import install_error_handlers
 from api.index_holder import IndexHolder
 from api.metrics import Metrics, MetricsMiddleware
 from api.middleware import BodyLimitMiddleware
-from api.routes import admin, chat, classify, health, images, openai_compat, search
+from api.routes import admin, chat, classify, duplicates, health, images, openai_compat, search
 from api.service import Service
 from api.settings import Settings
 from retrieval.base import Encoder
@@ -133,7 +133,7 @@ def create_app(
     )
     app.state.service = service
     install_error_handlers(app)
-    for module in (search, classify, chat, images, admin, health, openai_compat):
+    for module in (search, duplicates, classify, chat, images, admin, health, openai_compat):
         app.include_router(module.router)
     openai_compat.install(app)  # OpenAI error envelopes on /v1, limits in the OpenAPI document
     if settings.cors_origins:
