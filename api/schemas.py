@@ -146,13 +146,14 @@ def _keyword_needs_text(schema: dict[str, Any]) -> None:
         "required": ["mode"],
         "properties": {"mode": {"const": "keyword"}},
         "anyOf": [
-            {"required": [name], "properties": {name: {"not": {"type": "null"}}}} for name in ("image", "image_id")
+            {"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+            for name in ("image", "image_id")
         ],
     }
 
 
 class SearchRequest(BaseModel):
-    """Exactly one query: ``text``, ``image`` (base64) or ``image_id``; ``mode`` ``keyword`` needs ``text``."""
+    """Exactly one query: ``text``, ``image`` (base64) or ``image_id``; mode ``keyword`` needs ``text``."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra=_keyword_needs_text)
 
@@ -167,7 +168,11 @@ class SearchRequest(BaseModel):
     )
     filters: SearchFilters | None = None
     alpha: float = Field(
-        0.5, ge=0.0, le=1.0, strict=True, description="hybrid: weight of the vector ranking (keyword: 1 - alpha)"
+        0.5,
+        ge=0.0,
+        le=1.0,
+        strict=True,
+        description="hybrid: weight of the vector ranking (keyword: 1 - alpha)",
     )
     rrf_k: Integer(ge=0, le=10_000) = Field(60, description="hybrid: reciprocal-rank fusion constant")
     offset: Integer(ge=0, le=10_000) = Field(0, description="results to skip (pagination)")

@@ -36,7 +36,9 @@ def _middle_frame(path: str, max_pixels: int | None) -> Image.Image:
 def load_picture(row: dict, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """The image of a row: the file itself, or a video's middle frame."""
     path = str(row["path"])
-    is_video = (row.get("kind") or "image") != "image" or any(path.lower().endswith(e) for e in VIDEO_EXTENSIONS)
+    is_video = (row.get("kind") or "image") != "image" or any(
+        path.lower().endswith(e) for e in VIDEO_EXTENSIONS
+    )
     return _middle_frame(path, max_pixels) if is_video else open_image(path, max_pixels=max_pixels)
 
 

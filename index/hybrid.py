@@ -61,9 +61,10 @@ def search(
     """Rows ``offset .. offset + k`` of the ranking ``mode`` asks for, each with ``score`` and ``found_by``.
 
     ``vector`` needs ``vector`` (the query embedding); ``keyword`` ranks by ``text`` (nothing without
-    words); ``hybrid`` fuses both (the keyword ranking is empty without ``text``). ``min_score`` drops rows scoring below it (vector mode on
-    an ``l2`` index: rows farther than it, the score being a squared distance). ``deduplicate`` collapses
-    near-duplicates (:func:`index.duplicates.collapse` at ``threshold``) before paging.
+    words); ``hybrid`` fuses both (the keyword ranking is empty without ``text``). ``min_score`` drops
+    rows scoring below it (vector mode on an ``l2`` index: rows farther than it, the score being a squared
+    distance). ``deduplicate`` collapses near-duplicates (:func:`index.duplicates.collapse` at
+    ``threshold``) before paging.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")

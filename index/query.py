@@ -92,7 +92,8 @@ class QueryMixin:
 
         Returns ``ids (Q, k')`` int64, ``scores (Q, k')`` float32 (inner product, or squared L2
         distance for metric ``l2``) and per query a list of row dicts with ``score``, where
-        ``k' = min(k, rows passing the filters)``; an approximate index that finds fewer pads with id -1 / NaN.
+        ``k' = min(k, rows passing the filters)``; an approximate index that finds fewer pads with id -1 /
+        NaN.
         """
         filters = SearchFilters.coerce(filters)
         q = np.asarray(queries, dtype=np.float32)
@@ -210,7 +211,9 @@ class QueryMixin:
             return faiss.SearchParametersHNSW(sel=selector.sel, efSearch=ef)
         return faiss.SearchParameters(sel=selector.sel)
 
-    def range_candidates(self, queries: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def range_candidates(
+        self, queries: np.ndarray, radius: float
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """FAISS ``range_search`` of the CPU index: ``(lims, scores, ids)`` of everything within ``radius``
         (inner product ``> radius``, or squared L2 ``< radius``); approximate for approximate indexes and
         unfiltered (removed HNSW ids may appear: callers check them against :meth:`ids`)."""

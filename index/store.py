@@ -358,7 +358,10 @@ class MetaStore:
 
     def uncaptioned(self, gen: int, limit: int | None = None) -> list[dict]:
         """Visible file rows (images and whole videos, not segments) that have no caption yet, by id."""
-        sql = f"SELECT {self._columns()} FROM images WHERE part = 0 AND caption IS NULL AND {_VISIBLE} ORDER BY id"
+        sql = (
+            f"SELECT {self._columns()} FROM images WHERE part = 0 AND caption IS NULL AND {_VISIBLE}"
+            " ORDER BY id"
+        )
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
         return [_row_dict(rec) for rec in self.conn().execute(sql, (gen, gen))]

@@ -19,7 +19,9 @@ logger = logging.getLogger(__name__)
 router = APIRouter(tags=["duplicates"])
 
 #: groups per index object (a reload swaps in a new object) and threshold, for paging without recomputing
-_CACHE: weakref.WeakKeyDictionary[Any, dict[tuple[int, float], list[list[dict]]]] = weakref.WeakKeyDictionary()
+_CACHE: weakref.WeakKeyDictionary[Any, dict[tuple[int, float], list[list[dict]]]] = (
+    weakref.WeakKeyDictionary()
+)
 _CACHE_LOCK = threading.Lock()
 _PER_INDEX = 4
 
@@ -61,8 +63,8 @@ async def duplicates(
     page = groups[offset : offset + limit]
     vectors = await holder.run(_best_similarity, index, page)
     out = [
-        DuplicateGroup(results=[_result({**row, "score": score, "found_by": []}) for row, score in zip(g, s)])
-        for g, s in zip(page, vectors, strict=True)
+        DuplicateGroup(results=[_result({**row, "score": x, "found_by": []}) for row, x in pairs])
+        for pairs in (zip(g, s, strict=True) for g, s in zip(page, vectors, strict=True))
     ]
     return DuplicatesResponse(threshold=float(threshold), total_groups=len(groups), groups=out)
 

@@ -138,7 +138,9 @@ def test_build_caption_pass_is_resumable(tmp_path):
     enc = CaptioningEncoder()
     report = build([root], tmp_path / "ix", enc, workers=0, progress=False)
     assert (report.captioned, report.with_caption) == (0, 0) and enc.captioned == []
-    report = build([root], tmp_path / "ix", enc, workers=0, progress=False, caption=True, caption_batch_size=2)
+    report = build(
+        [root], tmp_path / "ix", enc, workers=0, progress=False, caption=True, caption_batch_size=2
+    )
     assert (report.captioned, report.with_caption) == (5, 5) and enc.captioned == [2, 2, 1]
     make_images(root / "more", n=2)
     report = build([root], tmp_path / "ix", enc, workers=0, progress=False, caption=True, caption_prompt="P:")

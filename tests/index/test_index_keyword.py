@@ -22,12 +22,15 @@ def _unit(x: np.ndarray) -> np.ndarray:
 def index_dir(tmp_path):
     rng = np.random.default_rng(0)
     vecs = _unit(rng.standard_normal((60, DIM)))
-    rows = [{"root": "/photos", "relpath": f"2024/img_{i:03d}.jpg", "width": 64, "height": 48} for i in range(60)]
+    rows = [
+        {"root": "/photos", "relpath": f"2024/img_{i:03d}.jpg", "width": 64, "height": 48} for i in range(60)
+    ]
     rows[41]["relpath"] = "scans/IMG_2024_invoice.png"
     idx = Index.create(tmp_path / "ix", DIM)
     ids = idx.add(vecs, rows)
-    assert idx.set_captions({int(ids[7]): "a whiteboard covered in notes", int(ids[8]): "会議室の白板",
-                             int(ids[9]): "赤い自転車", int(ids[10]): "一只橘色的猫在沙发上"}) == 4  # fmt: skip
+    captions = {7: "a whiteboard covered in notes", 8: "会議室の白板", 9: "赤い自転車"}
+    captions[10] = "一只橘色的猫在沙发上"
+    assert idx.set_captions({int(ids[i]): c for i, c in captions.items()}) == 4
     idx.save()
     idx.close()
     return tmp_path / "ix"
@@ -59,7 +62,10 @@ def test_found_only_by_keyword_not_by_vector(index_dir):
         assert rows[0]["found_by"] in (["vector", "keyword"], ["keyword"])
         assert hybrid.search(idx, k=5, mode="hybrid", vector=far, text="whiteboard", alpha=1.0)[0]["id"] != 7
         assert hybrid.search(idx, k=5, mode="hybrid", vector=far, text="whiteboard", alpha=0.0)[0]["id"] == 7
-        assert idx.get([7])[0]["caption"] == "a whiteboard covered in notes" and idx.get([0])[0]["caption"] is None
+        assert (
+            idx.get([7])[0]["caption"] == "a whiteboard covered in notes"
+            and idx.get([0])[0]["caption"] is None
+        )
 
 
 def test_keyword_respects_filters_offset_and_min_score(index_dir):
@@ -70,7 +76,9 @@ def test_keyword_respects_filters_offset_and_min_score(index_dir):
         page = hybrid.search(idx, k=10, mode="keyword", text="img_0", offset=10)
         assert [r["id"] for r in page] == [r["id"] for r in all_rows[10:20]]
         cut = all_rows[5]["score"]
-        assert all(r["score"] >= cut for r in hybrid.search(idx, k=60, mode="keyword", text="img_0", min_score=cut))
+        assert all(
+            r["score"] >= cut for r in hybrid.search(idx, k=60, mode="keyword", text="img_0", min_score=cut)
+        )
         assert hybrid.search(idx, k=5, mode="keyword", text="   ") == []
 
 

@@ -52,7 +52,10 @@ FILTERS = {
     "path_prefix": ({"path_prefix": "/lib/rare/"}, lambda i: i % 100 == 7),
     "relpath_prefix": ({"path_prefix": "rare/"}, lambda i: i % 100 == 7),
     "ids": ({"ids": list(range(5, N, 97))}, lambda i: (i - 5) % 97 == 0 and i >= 5),
-    "glob+ext": ({"path_glob": "*/common/f01*", "extensions": [".PNG"]}, lambda i: i % 10 == 3 and 1000 <= i < 2000),
+    "glob+ext": (
+        {"path_glob": "*/common/f01*", "extensions": [".PNG"]},
+        lambda i: i % 10 == 3 and 1000 <= i < 2000,
+    ),
     "kinds": ({"kinds": ["segment"]}, lambda i: i % 200 == 1),
     "size": ({"min_width": 148, "max_height": 80}, lambda i: i % 50 >= 48),
     "mtime": ({"mtime_from": 100, "mtime_to": 139.5}, lambda i: 100 <= i <= 139),
@@ -86,7 +89,9 @@ def test_large_filters_search_inside_faiss_with_recall(built, monkeypatch):
     q = _vectors(50, seed=2)
 
     def recall_of(ids: np.ndarray, truth: np.ndarray) -> float:
-        return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids.tolist(), truth.tolist(), strict=True)]))
+        return float(
+            np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids.tolist(), truth.tolist(), strict=True)])
+        )
 
     unfiltered = recall_of(idx.search(q, 10)[0], _brute(stored, q, np.ones(N, bool), 10))
     for filters, pred in (FILTERS["path_prefix"], ({"path_glob": "*/common/*"}, lambda i: i % 100 != 7)):
@@ -100,7 +105,12 @@ def test_large_filters_search_inside_faiss_with_recall(built, monkeypatch):
         else:
             # a filter independent of the vectors keeps the unfiltered search's recall (or improves it:
             # nprobe / efSearch are raised for selective filters)
-            assert recall >= min(0.95, unfiltered - 0.03), (idx.manifest["index_type"], filters, recall, unfiltered)
+            assert recall >= min(0.95, unfiltered - 0.03), (
+                idx.manifest["index_type"],
+                filters,
+                recall,
+                unfiltered,
+            )
 
 
 def test_unknown_filter_field_is_refused(built):
