@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
@@ -34,6 +35,8 @@ EXACT_FILTER_MAX = 20_000
 FILTER_PROBE_FACTOR = 4
 #: upper bound of the raised HNSW ``efSearch`` of filtered searches
 MAX_FILTER_EF = 4096
+#: resolved filters (id, segment, offset arrays) remembered per index object
+FILTER_CACHE_SIZE = 8
 
 
 class QueryMixin:
@@ -154,7 +157,7 @@ class QueryMixin:
     ) -> tuple[np.ndarray, np.ndarray, list[list[dict]]]:
         """:meth:`search` restricted to the rows passing ``filters``."""
         with self._lock if self._writer else contextlib.nullcontext():
-            selected = resolve(self.store, filters, self._view)
+            selected = self._resolve_cached(filters)
             kk = min(k, len(selected))
             out_ids = np.full((len(q), kk), -1, dtype=np.int64)
             out_scores = np.full((len(q), kk), np.nan, dtype=np.float32)
@@ -168,9 +171,27 @@ class QueryMixin:
             rows = self.store.get(np.unique(cand[cand >= 0]).tolist(), self._view)
         return self._collect(cand, scores, rows, set(), out_ids, out_scores, out_rows)
 
+    def _resolve_cached(self, filters: SearchFilters) -> np.ndarray:
+        """:func:`index.filters.resolve` at this object's view, remembered for the last
+        :data:`FILTER_CACHE_SIZE` filters until the rows change (pages of one filtered query resolve once).
+        SQLite's ``data_version`` changes with every commit of another connection (e.g. a writer moving
+        rows to a compacted segment), this object's own changes move ``_view`` / ``_count`` / ``_delta``."""
+        cache: OrderedDict = self.__dict__.setdefault("_filter_cache", OrderedDict())
+        version = self.store.conn().execute("PRAGMA data_version").fetchone()[0]
+        key = (filters, self._view, self._count, self._delta, version)
+        selected = cache.get(key)
+        if selected is None:
+            selected = resolve(self.store, filters, self._view)
+            cache[key] = selected
+            while len(cache) > FILTER_CACHE_SIZE:
+                cache.popitem(last=False)
+        else:
+            cache.move_to_end(key)
+        return selected
+
     def _exact_over(self, q: np.ndarray, selected: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Brute-force top-``k`` over the stored vectors of ``selected`` ``[id, seg, off]`` rows."""
-        vecs = self.vectors.gather([(int(s), int(o)) for s, o in selected[:, 1:]], self._pending_map())
+        vecs = self.vectors.gather(selected[:, 1:], self._pending_map())
         ids = selected[:, 0]
         if self.metric == "ip":
             sims = q @ vecs.T

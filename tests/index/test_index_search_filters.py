@@ -30,7 +30,7 @@ def _rows(n: int) -> list[dict]:
     ]
 
 
-@pytest.fixture(scope="module", params=["flat", "ivf-flat", "hnsw"])
+@pytest.fixture(scope="module", params=["flat", "ivf-flat", "ivf-pq", "hnsw"])
 def built(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     idx = Index.create(folder, DIM, index_type=request.param)
