@@ -128,9 +128,22 @@ def resolve(store: Any, filters: SearchFilters, gen: int) -> np.ndarray:
     return np.asarray(rows, dtype=np.int64).reshape(-1, 3)
 
 
+#: ids below this use a bitmap selector (at most 64 MiB, O(1) membership, fast to build); others a hash set
+BITMAP_MAX_ID = 1 << 29
+
+
 class IdSelector:
-    """A ``faiss.IDSelectorBatch`` over ``ids`` that keeps the id array alive as long as itself."""
+    """A FAISS ``IDSelector`` over non-negative ``ids`` that keeps its arrays alive as long as itself:
+    ``IDSelectorBitmap`` for ids below :data:`BITMAP_MAX_ID`, else ``IDSelectorBatch``."""
 
     def __init__(self, ids: Sequence[int] | np.ndarray) -> None:
         self.ids = np.ascontiguousarray(ids, dtype=np.int64)
-        self.sel = faiss.IDSelectorBatch(len(self.ids), faiss.swig_ptr(self.ids))
+        top = int(self.ids.max()) if len(self.ids) else 0
+        if 0 <= top < BITMAP_MAX_ID and (not len(self.ids) or int(self.ids.min()) >= 0):
+            bits = np.zeros(top + 1, dtype=bool)
+            bits[self.ids] = True
+            # bit (id & 7) of byte (id >> 3), as IDSelectorBitmap::is_member reads it
+            self.bitmap = np.packbits(bits, bitorder="little")
+            self.sel = faiss.IDSelectorBitmap(len(self.bitmap), faiss.swig_ptr(self.bitmap))
+        else:
+            self.sel = faiss.IDSelectorBatch(len(self.ids), faiss.swig_ptr(self.ids))

@@ -167,7 +167,7 @@ class QueryMixin:
             if len(selected) <= EXACT_FILTER_MAX:
                 scores, cand = self._exact_over(q, selected, kk)
             else:
-                scores, cand = self._faiss_over(q, selected[:, 0], kk)
+                scores, cand = self._faiss_over(q, self._selector_for(selected), len(selected), kk)
             rows = self.store.get(np.unique(cand[cand >= 0]).tolist(), self._view)
         return self._collect(cand, scores, rows, set(), out_ids, out_scores, out_rows)
 
@@ -202,14 +202,24 @@ class QueryMixin:
             order = np.argsort(sims, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(sims, order, 1).astype(np.float32), ids[order]
 
-    def _faiss_over(self, q: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """FAISS search of the CPU index restricted to ``ids`` by an ``IDSelector``."""
-        selector = IdSelector(ids)
+    def _selector_for(self, selected: np.ndarray) -> IdSelector:
+        """The FAISS selector of a resolved filter (kept with the cached resolution)."""
+        cache: dict = self.__dict__.setdefault("_selector_cache", {})
+        entry = cache.get(id(selected))
+        if entry is None or entry[0] is not selected:
+            cache.clear()  # one selector at a time: it can take 64 MiB
+            entry = cache[id(selected)] = (selected, IdSelector(selected[:, 0]))
+        return entry[1]
+
+    def _faiss_over(
+        self, q: np.ndarray, selector: IdSelector, n_selected: int, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS search of the CPU index restricted to ``n_selected`` ids by ``selector``."""
         fetch = k
         if fx.needs_rerank(self._factory):
             fetch = max(fetch, k * self._rerank_factor)
-        fetch = min(fetch, len(ids))
-        params = self._filter_params(selector, fetch, len(ids))
+        fetch = min(fetch, n_selected)
+        params = self._filter_params(selector, fetch, n_selected)
         scores, cand = self._faiss.search(q, fetch, params=params)
         if fx.needs_rerank(self._factory):
             scores, cand = self._rerank(q, cand)

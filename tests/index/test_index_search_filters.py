@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from index import Index
+from index import filters as filters_mod
 from index import query as query_mod
 
 N, DIM = 4000, 16
@@ -82,10 +83,14 @@ def test_filter_keeping_fewer_than_k_rows_returns_them_all(built):
     assert idx.search(_vectors(1, 3), 10, filters={"kinds": ["video"]})[0].shape == (1, 0)
 
 
-def test_large_filters_search_inside_faiss_with_recall(built, monkeypatch):
+@pytest.mark.parametrize("selector", ["bitmap", "batch"])
+def test_large_filters_search_inside_faiss_with_recall(built, monkeypatch, selector):
     """Above EXACT_FILTER_MAX the selector goes into FAISS: exact on flat, high recall on IVF / HNSW."""
     idx, stored = built
     monkeypatch.setattr(query_mod, "EXACT_FILTER_MAX", 0)
+    if selector == "batch":
+        monkeypatch.setattr(filters_mod, "BITMAP_MAX_ID", 0)
+    idx.__dict__.pop("_selector_cache", None)
     q = _vectors(50, seed=2)
 
     def recall_of(ids: np.ndarray, truth: np.ndarray) -> float:
@@ -119,3 +124,15 @@ def test_unknown_filter_field_is_refused(built):
         idx.search(_vectors(1), 3, filters={"colour": "red"})
     with pytest.raises(ValueError, match="unknown kinds"):
         idx.search(_vectors(1), 3, filters={"kinds": ["gif"]})
+
+
+def test_id_selector_kinds(monkeypatch):
+    from index.faiss_index import faiss
+
+    ids = np.asarray([0, 9, 17, 1000], dtype=np.int64)
+    sel = filters_mod.IdSelector(ids)
+    assert isinstance(sel.sel, faiss.IDSelectorBitmap)
+    assert [sel.sel.is_member(i) for i in (0, 1, 9, 17, 18, 999, 1000, 1001)] == [1, 0, 1, 1, 0, 0, 1, 0]
+    monkeypatch.setattr(filters_mod, "BITMAP_MAX_ID", 100)
+    batch = filters_mod.IdSelector(ids)
+    assert isinstance(batch.sel, faiss.IDSelectorBatch) and batch.sel.is_member(1000) and not batch.sel.is_member(8)
