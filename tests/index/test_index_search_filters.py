@@ -135,4 +135,5 @@ def test_id_selector_kinds(monkeypatch):
     assert [sel.sel.is_member(i) for i in (0, 1, 9, 17, 18, 999, 1000, 1001)] == [1, 0, 1, 1, 0, 0, 1, 0]
     monkeypatch.setattr(filters_mod, "BITMAP_MAX_ID", 100)
     batch = filters_mod.IdSelector(ids)
-    assert isinstance(batch.sel, faiss.IDSelectorBatch) and batch.sel.is_member(1000) and not batch.sel.is_member(8)
+    assert isinstance(batch.sel, faiss.IDSelectorBatch)
+    assert batch.sel.is_member(1000) and not batch.sel.is_member(8)
