@@ -60,13 +60,14 @@ def caption_index(
     if caption is None:
         raise ValueError(f"encoder {getattr(encoder, 'name', encoder)!r} cannot caption (no text decoder)")
     index.lock_for_writing()
-    rows = index.store.uncaptioned(index.view_generation)
+    gen = index.view_generation
+    total = index.store.uncaptioned_count(gen)
     skipped: list[tuple[str, str, str]] = []
-    done = 0
-    bar = tqdm(total=len(rows), unit="img", desc="captions", file=sys.stderr, disable=not progress)
+    done, after = 0, -1
+    bar = tqdm(total=total, unit="img", desc="captions", file=sys.stderr, disable=not progress)
     try:
-        for start in range(0, len(rows), batch_size):
-            batch = rows[start : start + batch_size]
+        while batch := index.store.uncaptioned(gen, limit=batch_size, after=after):
+            after = int(batch[-1]["id"])  # skipped (unreadable) rows stay uncaptioned: move past them
             ids, images = [], []
             for row in batch:
                 try:

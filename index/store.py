@@ -356,15 +356,18 @@ class MetaStore:
         with conn:
             return conn.executemany("UPDATE images SET caption = ? WHERE id = ?", pairs).rowcount
 
-    def uncaptioned(self, gen: int, limit: int | None = None) -> list[dict]:
-        """Visible file rows (images and whole videos, not segments) that have no caption yet, by id."""
+    def uncaptioned(self, gen: int, limit: int = 1000, after: int = -1) -> list[dict]:
+        """Up to ``limit`` visible file rows (images and whole videos, not segments) with id > ``after``
+        that have no caption yet, by id."""
         sql = (
-            f"SELECT {self._columns()} FROM images WHERE part = 0 AND caption IS NULL AND {_VISIBLE}"
-            " ORDER BY id"
+            f"SELECT {self._columns()} FROM images WHERE part = 0 AND caption IS NULL AND id > ?"
+            f" AND {_VISIBLE} ORDER BY id LIMIT ?"
         )
-        if limit is not None:
-            sql += f" LIMIT {int(limit)}"
-        return [_row_dict(rec) for rec in self.conn().execute(sql, (gen, gen))]
+        return [_row_dict(rec) for rec in self.conn().execute(sql, (int(after), gen, gen, int(limit)))]
+
+    def uncaptioned_count(self, gen: int) -> int:
+        sql = f"SELECT COUNT(*) FROM images WHERE part = 0 AND caption IS NULL AND {_VISIBLE}"
+        return int(self.conn().execute(sql, (gen, gen)).fetchone()[0])
 
     def captioned_count(self, gen: int) -> int:
         if not self.has_captions():

@@ -48,6 +48,13 @@ def test_keyword_finds_names_and_captions_in_any_script(index_dir, query, expect
         assert [r["id"] for r in rows].count(expected) == 1
 
 
+def test_short_words_are_literal_substrings(index_dir):
+    with Index.open(index_dir) as idx:
+        assert idx.keyword_search("%", 5) == []  # LIKE wildcards are escaped
+        ids = [r["id"] for r in idx.keyword_search("_0", 100)]
+        assert len(ids) == 59 and 41 not in ids  # "_" is not "any character": IMG_2024 has "20", not "_0"
+
+
 def test_found_only_by_keyword_not_by_vector(index_dir):
     with Index.open(index_dir) as idx:
         far = -idx.get_vectors([41])[0]  # the query vector points away from the invoice scan
