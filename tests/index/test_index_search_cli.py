@@ -103,3 +103,22 @@ def test_bench_index_filters_smoke(tmp_path):
         assert any(line.split()[:1] == [label] for line in out.splitlines()), (label, out)
     recalls = [float(line.split()[-1]) for line in out.splitlines() if line.split()[:1] in (["1%"], ["10%"])]
     assert recalls and min(recalls) >= 0.9, out
+
+
+def test_caption_pass_captions_a_video_by_its_middle_frame(tmp_path, encoder):
+    from test_index_video import FPS, make_clip
+
+    from index import Index
+    from index.builder import build_index
+
+    folder = tmp_path / "lib"
+    make_images(folder, 2)
+    make_clip(folder / "clip.mp4", 2 * FPS, seed=3, size=(64, 48))
+    wrapped = _Captioning(encoder)
+    report = build_index([folder], tmp_path / "ix", wrapped, workers=0, progress=False, video_segments=1.0,
+                         caption=True)  # fmt: skip
+    assert report.captioned == report.with_caption == 3  # 2 images + 1 video; segments are not captioned
+    with Index.open(tmp_path / "ix") as idx:
+        rows = idx.get(idx.ids())
+        by_kind = {r["kind"]: r["caption"] for r in rows if r["kind"] != "image"}
+        assert by_kind == {"video": "English caption: picture 64x48", "segment": None}
