@@ -177,7 +177,7 @@ class SearchRequest(BaseModel):
     rrf_k: Integer(ge=0, le=10_000) = Field(60, description="hybrid: reciprocal-rank fusion constant")
     offset: Integer(ge=0, le=10_000) = Field(0, description="results to skip (pagination)")
     min_score: float | None = Field(
-        None, strict=True, allow_inf_nan=False, description="drop results scoring below this"
+        None, ge=-1e9, le=1e9, strict=True, allow_inf_nan=False, description="drop results scoring below this"
     )
     deduplicate: bool = Field(False, strict=True, description="collapse near-duplicates to their best copy")
 
