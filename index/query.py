@@ -191,7 +191,8 @@ class QueryMixin:
 
     def _exact_over(self, q: np.ndarray, selected: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Brute-force top-``k`` over the stored vectors of ``selected`` ``[id, seg, off]`` rows."""
-        vecs = self.vectors.gather(selected[:, 1:], self._pending_map())
+        pending = self._pending_map()
+        vecs = self._derived(selected, "vectors", lambda: self.vectors.gather(selected[:, 1:], pending))
         ids = selected[:, 0]
         if self.metric == "ip":
             sims = q @ vecs.T
@@ -204,12 +205,18 @@ class QueryMixin:
 
     def _selector_for(self, selected: np.ndarray) -> IdSelector:
         """The FAISS selector of a resolved filter (kept with the cached resolution)."""
-        cache: dict = self.__dict__.setdefault("_selector_cache", {})
-        entry = cache.get(id(selected))
+        return self._derived(selected, "selector", lambda: IdSelector(selected[:, 0]))
+
+    def _derived(self, selected: np.ndarray, what: str, make):  # noqa: ANN001,ANN202
+        """``make()`` for the resolved filter ``selected``, remembered for the latest one only: its selector
+        (up to 64 MiB) or its gathered vectors (up to EXACT_FILTER_MAX x dim float32, 61 MB at 768)."""
+        entry = self.__dict__.get("_derived_cache")
         if entry is None or entry[0] is not selected:
-            cache.clear()  # one selector at a time: it can take 64 MiB
-            entry = cache[id(selected)] = (selected, IdSelector(selected[:, 0]))
-        return entry[1]
+            entry = self.__dict__["_derived_cache"] = (selected, {})
+        value = entry[1].get(what)
+        if value is None:
+            value = entry[1][what] = make()
+        return value
 
     def _faiss_over(
         self, q: np.ndarray, selector: IdSelector, n_selected: int, k: int

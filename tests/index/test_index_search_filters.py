@@ -90,7 +90,7 @@ def test_large_filters_search_inside_faiss_with_recall(built, monkeypatch, selec
     monkeypatch.setattr(query_mod, "EXACT_FILTER_MAX", 0)
     if selector == "batch":
         monkeypatch.setattr(filters_mod, "BITMAP_MAX_ID", 0)
-    idx.__dict__.pop("_selector_cache", None)
+    idx.__dict__.pop("_derived_cache", None)
     q = _vectors(50, seed=2)
 
     def recall_of(ids: np.ndarray, truth: np.ndarray) -> float:
@@ -137,3 +137,20 @@ def test_id_selector_kinds(monkeypatch):
     batch = filters_mod.IdSelector(ids)
     assert isinstance(batch.sel, faiss.IDSelectorBatch)
     assert batch.sel.is_member(1000) and not batch.sel.is_member(8)
+
+
+def test_cached_filters_see_added_and_removed_rows(tmp_path):
+    idx = Index.create(tmp_path / "ix", DIM)
+    vecs = _vectors(50)
+    idx.add(vecs[:40], _rows(40))
+    q = vecs[43]
+    flt = {"extensions": ["png"]}
+    before = idx.search(q, 10, filters=flt)[0][0].tolist()
+    assert sorted(before) == [3, 13, 23, 33]
+    idx.add(vecs[40:], _rows(50)[40:])  # unsaved: pending rows, in the same segment
+    assert sorted(idx.search(q, 10, filters=flt)[0][0].tolist()) == [3, 13, 23, 33, 43]
+    assert idx.search(q, 1, filters=flt)[0][0].tolist() == [43]  # the vector of row 43 is searched
+    idx.save()
+    idx.remove([13])
+    assert sorted(idx.search(q, 10, filters=flt)[0][0].tolist()) == [3, 23, 33, 43]
+    idx.close()
