@@ -35,6 +35,8 @@ EXACT_FILTER_MAX = 20_000
 FILTER_PROBE_FACTOR = 4
 #: upper bound of the raised HNSW ``efSearch`` of filtered searches
 MAX_FILTER_EF = 4096
+#: neighbours per vector that range queries on PQ indexes consider (see :meth:`QueryMixin.range_candidates`)
+RANGE_KNN = 32
 #: resolved filters (id, segment, offset arrays) remembered per index object
 FILTER_CACHE_SIZE = 8
 
@@ -254,8 +256,15 @@ class QueryMixin:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """FAISS ``range_search`` of the CPU index: ``(lims, scores, ids)`` of everything within ``radius``
         (inner product ``> radius``, or squared L2 ``< radius``); approximate for approximate indexes and
-        unfiltered (removed HNSW ids may appear: callers check them against :meth:`ids`)."""
+        unfiltered (removed HNSW ids may appear: callers check them against :meth:`ids`). PQ codes are too
+        coarse for a radius: those indexes answer with the exactly re-scored top :data:`RANGE_KNN` instead."""
         q = np.ascontiguousarray(queries, dtype=np.float32)
+        if fx.needs_rerank(self._factory):
+            ids, scores, _ = self.search(q, RANGE_KNN)
+            with np.errstate(invalid="ignore"):
+                within = (ids >= 0) & ((scores > radius) if self.metric == "ip" else (scores < radius))
+            lims = np.concatenate([[0], np.cumsum(within.sum(1))]).astype(np.int64)
+            return lims, scores[within], ids[within]
         with self._lock if self._writer else contextlib.nullcontext():
             try:
                 lims, scores, ids = self._faiss.range_search(q, float(radius))

@@ -93,3 +93,19 @@ def test_collapse_keeps_the_best_copy_at_the_first_members_rank(planted):
     assert collapsed[0]["id"] == original and collapsed[0]["score"] == ranked[0]["score"]
     assert not {int(m) for m in members[1:]} & {r["id"] for r in collapsed}
     assert len({labels[r["id"]] for r in collapsed}) == len(collapsed)
+
+
+@pytest.mark.parametrize("index_type", ["flat", "ivf-flat", "ivf-pq", "hnsw"])
+def test_duplicates_on_every_index_type(tmp_path, index_type):
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal((3000, 16)).astype(np.float32)
+    v[2999], v[2998] = v[5] + 0.01, v[7]
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    with Index.create(tmp_path / "ix", 16, index_type=index_type) as idx:
+        idx.add(v, [{"path": f"/a/{i}.jpg", "width": 10, "height": 10, "size": i} for i in range(3000)])
+        idx.save(full=True)
+        assert idx.manifest["faiss_factory"] != "IDMap2,Flat" or index_type == "flat"
+        groups = [[r["id"] for r in g] for g in find_duplicates(idx, 0.98)]
+        assert groups == [[2998, 7], [2999, 5]]  # same size groups by best copy id; larger file first
+        idx.remove([2998])  # removed rows (HNSW: dead ids still in FAISS) are not grouped
+        assert [[r["id"] for r in g] for g in find_duplicates(idx, 0.98)] == [[2999, 5]]
