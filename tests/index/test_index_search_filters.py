@@ -154,3 +154,18 @@ def test_cached_filters_see_added_and_removed_rows(tmp_path):
     idx.remove([13])
     assert sorted(idx.search(q, 10, filters=flt)[0][0].tolist()) == [3, 23, 33, 43]
     idx.close()
+
+
+@pytest.mark.parametrize("exact_max", [0, 20_000])
+def test_l2_metric_filtered_search(tmp_path, monkeypatch, exact_max):
+    monkeypatch.setattr(query_mod, "EXACT_FILTER_MAX", exact_max)
+    vecs = _vectors(500)
+    with Index.create(tmp_path / "ix", DIM, metric="l2") as idx:
+        idx.add(vecs, _rows(500))
+        stored = idx.get_vectors(np.arange(500))
+        q = _vectors(3, seed=4)
+        ids, scores, _ = idx.search(q, 5, filters={"extensions": ["png"]})
+        keep = np.nonzero(np.arange(500) % 10 == 3)[0]
+        d = ((q[:, None, :] - stored[keep][None]) ** 2).sum(-1)
+        np.testing.assert_array_equal(ids, keep[np.argsort(d, axis=1)[:, :5]])
+        np.testing.assert_allclose(scores, np.sort(d, axis=1)[:, :5], rtol=1e-4, atol=1e-5)
