@@ -17,7 +17,7 @@ from api.errors import install_error_handlers
 from api.index_holder import IndexHolder
 from api.metrics import Metrics, MetricsMiddleware
 from api.middleware import BodyLimitMiddleware
-from api.routes import admin, caption, chat, classify, health, images, openai_compat, search
+from api.routes import admin, caption, chat, classify, duplicates, health, images, openai_compat, search
 from api.service import Service
 from api.settings import Settings
 from api.web import page, thumbs
@@ -134,7 +134,8 @@ def create_app(
     )
     app.state.service = service
     install_error_handlers(app)
-    for module in (search, classify, caption, chat, images, thumbs, admin, health, openai_compat, page):
+    data_routes = (search, duplicates, classify, caption, chat, images, thumbs)
+    for module in (*data_routes, admin, health, openai_compat, page):
         app.include_router(module.router)
     openai_compat.install(app)  # OpenAI error envelopes on /v1, limits in the OpenAPI document
     if settings.cors_origins:

@@ -109,24 +109,84 @@ def _exactly_one(model: BaseModel, names: tuple[str, ...]) -> None:
         raise ValueError(f"give exactly one of {listed} (got {len(given)})")
 
 
-class SearchRequest(BaseModel):
-    """Exactly one query: ``text``, ``image`` (base64) or ``image_id``."""
+#: what an index row holds: an image, a whole video, or a ``[t_start, t_end)`` segment of a video
+RowKind = Literal["image", "video", "segment"]
+SearchMode = Literal["vector", "keyword", "hybrid"]
+FoundBy = Literal["vector", "keyword"]
+#: Unix seconds whose nanoseconds fit SQLite's 64-bit integers
+MAX_UNIX_SECONDS = 9_000_000_000.0
+MAX_FILTER_IDS = 10_000
+PathText = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_utf8)]
+Extension = Annotated[str, Field(pattern=r"^\.?[A-Za-z0-9_+-]{1,16}$", description="e.g. 'jpg' or '.png'")]
+Seconds = Annotated[float, Field(ge=-MAX_UNIX_SECONDS, le=MAX_UNIX_SECONDS, strict=True, allow_inf_nan=False)]
+Pixels = Integer(ge=0, le=2**31 - 1)
 
-    model_config = ConfigDict(extra="forbid", **exactly_one_of("text", "image", "image_id"))
+
+class SearchFilters(BaseModel):
+    """Row conditions, all optional, combined with AND (``index.filters``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path_prefix: PathText | None = Field(None, description="start of the absolute path or of the relpath")
+    path_glob: PathText | None = Field(None, description="SQLite GLOB over the absolute path or the relpath")
+    extensions: list[Extension] | None = Field(None, min_length=1, max_length=64)
+    kinds: list[RowKind] | None = Field(None, min_length=1, max_length=3)
+    mtime_from: Seconds | None = Field(None, description="Unix seconds, inclusive")
+    mtime_to: Seconds | None = Field(None, description="Unix seconds, inclusive")
+    min_width: Pixels | None = None
+    max_width: Pixels | None = None
+    min_height: Pixels | None = None
+    max_height: Pixels | None = None
+    ids: list[ImageId] | None = Field(None, min_length=1, max_length=MAX_FILTER_IDS)
+
+
+def _keyword_needs_text(schema: dict[str, Any]) -> None:
+    schema["oneOf"] = one_of_present(("text", "image", "image_id"))
+    schema["not"] = {  # mode "keyword" with an image or image_id query (no text)
+        "required": ["mode"],
+        "properties": {"mode": {"const": "keyword"}},
+        "anyOf": [
+            {"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+            for name in ("image", "image_id")
+        ],
+    }
+
+
+class SearchRequest(BaseModel):
+    """Exactly one query: ``text``, ``image`` (base64) or ``image_id``; mode ``keyword`` needs ``text``."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_keyword_needs_text)
 
     text: Text | None = None
     image: ImageB64 | None = None
     image_id: ImageId | None = None
     k: Integer(ge=1, le=1000) = Field(10, description="number of results")
+    mode: SearchMode = Field(
+        "vector",
+        description="'vector' (embedding similarity), 'keyword' (file names, paths and captions; needs "
+        "'text') or 'hybrid' (reciprocal-rank fusion of both)",
+    )
+    filters: SearchFilters | None = None
+    alpha: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        strict=True,
+        description="hybrid: weight of the vector ranking (keyword: 1 - alpha)",
+    )
+    rrf_k: Integer(ge=0, le=10_000) = Field(60, description="hybrid: reciprocal-rank fusion constant")
+    offset: Integer(ge=0, le=10_000) = Field(0, description="results to skip (pagination)")
+    min_score: float | None = Field(
+        None, ge=-1e9, le=1e9, strict=True, allow_inf_nan=False, description="drop results scoring below this"
+    )
+    deduplicate: bool = Field(False, strict=True, description="collapse near-duplicates to their best copy")
 
     @model_validator(mode="after")
     def _one_query(self) -> SearchRequest:
         _exactly_one(self, ("text", "image", "image_id"))
+        if self.mode == "keyword" and self.text is None:
+            raise ValueError("mode 'keyword' needs a 'text' query")
         return self
-
-
-#: what an index row holds: an image, a whole video, or a ``[t_start, t_end)`` segment of a video
-RowKind = Literal["image", "video", "segment"]
 
 
 class SearchResult(BaseModel):
@@ -136,11 +196,27 @@ class SearchResult(BaseModel):
     kind: RowKind = Field("image", description="'image', 'video' (a whole video) or 'segment' (of a video)")
     t_start: float | None = Field(None, description="video and segment rows: start in seconds (else null)")
     t_end: float | None = Field(None, description="video and segment rows: end in seconds (else null)")
+    caption: str | None = Field(None, description="the stored caption, when the index has one")
+    found_by: list[FoundBy] = Field(
+        default_factory=lambda: ["vector"], description="the rankings that found this result"
+    )
 
 
 class SearchResponse(BaseModel):
     results: list[SearchResult]
     took_ms: float
+
+
+class DuplicateGroup(BaseModel):
+    """Near-duplicate rows, best copy first (largest width x height, then larger file)."""
+
+    results: list[SearchResult]
+
+
+class DuplicatesResponse(BaseModel):
+    threshold: float
+    total_groups: int
+    groups: list[DuplicateGroup]
 
 
 class ClassifyRequest(BaseModel):

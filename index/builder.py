@@ -25,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from chat.video import VIDEO_EXTENSIONS, VideoDecodeError
+from index.captions import caption_index
 from index.index import Index
 from index.reader import ImageFileDataset, make_loader
 from index.vectors import atomic_write
@@ -59,6 +60,8 @@ class BuildReport:
     indexed: int = 0
     videos: int = 0  #: videos embedded in this run
     segments: int = 0  #: segment rows added in this run
+    captioned: int = 0  #: rows captioned in this run (``caption=True``)
+    with_caption: int = 0  #: rows of the index that have a caption
     skipped_files: list[tuple[str, str, str]] = field(default_factory=list)
 
     def summary(self) -> dict:
@@ -131,6 +134,9 @@ def build_index(
     video_segments: float | None = None,
     max_video_seconds: float | None = DEFAULT_MAX_VIDEO_SECONDS,
     max_video_bytes: int = DEFAULT_MAX_VIDEO_BYTES,
+    caption: bool = False,
+    caption_prompt: str = "English caption:",
+    caption_batch_size: int = 8,
 ) -> BuildReport:
     """Index the images (and videos) under ``roots`` into ``index_dir`` incrementally; see the module
     docstring.
@@ -138,6 +144,7 @@ def build_index(
     ``index_type`` ``None`` keeps an existing index's type (``auto`` for a new one). ``throttle``
     sleeps that many seconds per batch or video (tests use it to interrupt a run midway).
     ``video_segments`` (seconds) adds segment rows; videos indexed with another setting are re-embedded.
+    ``caption`` then captions every row that has no caption yet (:mod:`index.captions`).
     """
     if batch_size < 1 or commit_every < 1:
         raise ValueError("batch_size and commit_every must be positive")
@@ -196,7 +203,11 @@ def build_index(
             raise
         finally:
             bar.close()
-        finish_build(index, plan, report, start, prune=prune)
+        finish_build(
+            index, plan, report, start, prune=prune, encoder=encoder, caption=caption,
+            caption_prompt=caption_prompt, caption_batch_size=caption_batch_size, max_pixels=max_pixels,
+            progress=progress,
+        )  # fmt: skip
     finally:
         index.close()  # releases the writer lock, also after an error
     return report
@@ -273,11 +284,34 @@ def embed_videos(
     chunk.commit(index)
 
 
-def finish_build(index: Index, plan: Plan, report: BuildReport, start: float, *, prune: bool = False) -> None:
-    """Prune, final full save, counts and ``build_report.json`` / ``skipped.tsv``."""
+def finish_build(
+    index: Index,
+    plan: Plan,
+    report: BuildReport,
+    start: float,
+    *,
+    prune: bool = False,
+    encoder: Encoder | None = None,
+    caption: bool = False,
+    caption_prompt: str = "English caption:",
+    caption_batch_size: int = 8,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    progress: bool = True,
+) -> None:
+    """Prune, final full save, the caption pass (``caption``: rows without one), counts and
+    ``build_report.json`` / ``skipped.tsv``."""
     if prune and plan.deleted:
         report.removed += index.remove(plan.deleted)
     index.save(full=True)
+    if caption:
+        if encoder is None:
+            raise ValueError("caption=True needs the encoder")
+        report.captioned, caption_skips = caption_index(
+            index, encoder, prompt=caption_prompt, batch_size=caption_batch_size,
+            max_pixels=max_pixels, progress=progress,
+        )  # fmt: skip
+        report.skipped_files.extend(caption_skips)
+    report.with_caption = index.captioned_count()
     report.skipped = len(report.skipped_files)
     report.indexed = len(index)
     report.seconds = time.perf_counter() - start

@@ -22,7 +22,7 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -244,7 +244,7 @@ class Index(SaveMixin, QueryMixin):
         self._lock_fd = fd
         try:
             if self.store.migrate():
-                logger.info("%s: metadata migrated to schema %d (segment rows)", self.dir, SCHEMA_VERSION)
+                logger.info("%s: metadata migrated to schema %d (captions)", self.dir, SCHEMA_VERSION)
         except ValueError as exc:
             self._lock_fd = None
             os.close(fd)
@@ -311,6 +311,26 @@ class Index(SaveMixin, QueryMixin):
             self._delta += n
             self._changed = True
         return n
+
+    def set_captions(self, captions: Mapping[int, str]) -> int:
+        """Store a caption per row id (committed at once, visible to every reader; ids not in the index
+        are ignored). Returns how many rows were updated."""
+        with self._lock:
+            self._acquire_writer()
+            present = self.store.locations([int(i) for i in captions], self._view)
+            return self.store.set_captions((i, captions[i]) for i in captions if int(i) in present)
+
+    def uncaptioned(self, limit: int = 1000, after: int = -1) -> list[dict]:
+        """Up to ``limit`` file rows (images, whole videos) with id > ``after`` and no caption, by id."""
+        return self.store.uncaptioned(self._view, limit=limit, after=after)
+
+    def uncaptioned_count(self) -> int:
+        """File rows of this view without a caption."""
+        return self.store.uncaptioned_count(self._view)
+
+    def captioned_count(self) -> int:
+        """Rows of this view that have a caption."""
+        return self.store.captioned_count(self._view)
 
     def touch(self, updates: Sequence[tuple[int, int, int]]) -> None:
         """Record new ``(id, size, mtime_ns)`` for rows whose content proved unchanged."""

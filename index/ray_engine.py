@@ -419,6 +419,9 @@ def build_index_ray(
     max_video_seconds: float | None = DEFAULT_MAX_VIDEO_SECONDS,
     max_video_bytes: int = DEFAULT_MAX_VIDEO_BYTES,
     seed: int | None = None,
+    caption: bool = False,
+    caption_prompt: str = "English caption:",
+    caption_batch_size: int = 8,
 ) -> BuildReport:
     """Index ``roots`` (or the paths of ``from_list``) into ``index_dir`` on Ray; see the module docstring.
 
@@ -490,7 +493,12 @@ def build_index_ray(
             max_video_bytes=max_video_bytes,
             batch_size=batch_size,
         )
-        finish_build(index, plan, report, start, prune=prune)
+        # captions (if asked) run on the driver, after the merge
+        finish_build(
+            index, plan, report, start, prune=prune, encoder=encoder, caption=caption,
+            caption_prompt=caption_prompt, caption_batch_size=caption_batch_size, max_pixels=max_pixels,
+            progress=progress,
+        )  # fmt: skip
         work.clean_temporaries()
     finally:
         index.close()

@@ -7,8 +7,12 @@ between the two is undone by :meth:`MetaStore.rollback_after`.
 
 Schema version 2 (``meta.schema_version``) adds ``part``: 0 for an image or a whole video, ``k + 1`` for
 segment ``k`` of a video, so one path can hold several live rows (unique on ``(root, relpath, part)``).
-Version-1 databases (no ``schema_version``) are migrated in place by :meth:`MetaStore.migrate`, which the
-index calls once it holds the writer lock; readers never need the new column.
+Schema version 3 adds ``caption`` (a generated caption, NULL until one is stored) and ``images_fts``, an
+FTS5 table (``tokenize='trigram'``: substrings of 3+ characters in any script, Chinese and Japanese included)
+over each row's file name, relative path and caption, kept in step with ``images`` by triggers.
+Older databases (version 1 has no ``schema_version``) are migrated in place by :meth:`MetaStore.migrate`,
+which the index calls once it holds the writer lock; readers of an unmigrated database see no captions
+and keyword search falls back to ``LIKE`` (:mod:`index.keyword`).
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ CREATE TABLE IF NOT EXISTS images (
     gen_added INTEGER NOT NULL,
     gen_removed INTEGER,
     extra TEXT,
-    part INTEGER NOT NULL DEFAULT 0
+    part INTEGER NOT NULL DEFAULT 0,
+    caption TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS images_live_part ON images(root, relpath, part) WHERE gen_removed IS NULL;
 CREATE INDEX IF NOT EXISTS images_removed ON images(gen_removed) WHERE gen_removed IS NOT NULL;
@@ -48,18 +53,51 @@ CREATE TABLE IF NOT EXISTS failures (
     reason TEXT NOT NULL, message TEXT, PRIMARY KEY (root, relpath)
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-INSERT OR IGNORE INTO meta VALUES ('schema_version', '2');
+INSERT OR IGNORE INTO meta VALUES ('schema_version', '3');
 """
 
-#: version of the SQLite schema this code writes (1: no ``part`` column, one live row per path)
-SCHEMA_VERSION = 2
+#: the file name of ``relpath`` in SQL (what follows the last '/'), with ``{r}`` the column reference
+_BASENAME = "substr({r}, length(rtrim({r}, replace({r}, '/', ''))) + 1)"
+#: schema 3: full-text table over file name, relative path and caption, and the triggers that maintain it
+FTS_SCHEMA = f"""
+CREATE VIRTUAL TABLE IF NOT EXISTS images_fts USING fts5(name, relpath, caption, tokenize='trigram');
+CREATE TRIGGER IF NOT EXISTS images_fts_insert AFTER INSERT ON images BEGIN
+    INSERT INTO images_fts(rowid, name, relpath, caption)
+    VALUES (new.id, {_BASENAME.format(r="new.relpath")}, new.relpath, new.caption);
+END;
+CREATE TRIGGER IF NOT EXISTS images_fts_delete AFTER DELETE ON images BEGIN
+    DELETE FROM images_fts WHERE rowid = old.id;
+END;
+CREATE TRIGGER IF NOT EXISTS images_fts_update AFTER UPDATE OF relpath, caption ON images BEGIN
+    UPDATE images_fts SET name = {_BASENAME.format(r="new.relpath")}, relpath = new.relpath,
+        caption = new.caption WHERE rowid = new.id;
+END;
+"""
+
+#: version of the SQLite schema this code writes (1: no ``part`` column, one live row per path;
+#: 2: no ``caption`` column nor ``images_fts``)
+SCHEMA_VERSION = 3
 
 #: metadata columns a row dict may set (``path`` is split into root/relpath)
 ROW_FIELDS = ("root", "relpath", "size", "mtime_ns", "hash", "width", "height")
-_COLUMNS = "id, root, relpath, size, mtime_ns, hash, width, height, added_at, seg, off, extra"
+_COLUMNS = "id, root, relpath, size, mtime_ns, hash, width, height, added_at, seg, off, extra, caption"
+#: the same for a schema-2 database that has not been migrated yet (read-only users)
+_COLUMNS_V2 = _COLUMNS.replace(", caption", ", NULL AS caption")
 _VISIBLE = "gen_added <= ? AND (gen_removed IS NULL OR gen_removed > ?)"
 _CHUNK = 900  # stay below SQLite's bound-parameter limit
-_DERIVED = ("id", "path", "score", "added_at", "part")
+_DERIVED = ("id", "path", "score", "added_at", "part", "caption")
+
+
+def _statements(script: str) -> list[str]:
+    """The statements of a schema script (triggers hold ``;`` inside ``BEGIN ... END;``)."""
+    out, current = [], []
+    for line in script.strip().splitlines():
+        current.append(line)
+        text = "\n".join(current).strip()
+        if text.endswith(";") and (not text.upper().startswith("CREATE TRIGGER") or text.endswith("END;")):
+            out.append(text)
+            current = []
+    return out
 
 
 def _sql_ids(ids: Iterable[int]) -> list[int]:
@@ -75,7 +113,7 @@ def _coerce(key: str, value: object) -> object:
 
 
 def _row_dict(rec: tuple) -> dict:
-    rid, root, rel, size, mtime_ns, digest, width, height, added_at, _seg, _off, extra = rec
+    rid, root, rel, size, mtime_ns, digest, width, height, added_at, _seg, _off, extra, caption = rec
     path = os.path.join(root, rel) if rel is not None else None
     row = {
         "id": int(rid),
@@ -91,6 +129,7 @@ def _row_dict(rec: tuple) -> dict:
     }
     if extra:
         row.update(json.loads(extra))
+    row["caption"] = caption
     return row
 
 
@@ -105,8 +144,21 @@ class MetaStore:
         conn = self.conn()
         conn.execute("PRAGMA journal_mode=WAL")
         if create:
-            conn.executescript(SCHEMA)
+            conn.executescript(SCHEMA + FTS_SCHEMA)
             conn.commit()
+        self._has_captions: bool | None = None
+
+    def has_captions(self) -> bool:
+        """Whether the database has the schema-3 ``caption`` column and ``images_fts`` table."""
+        if not self._has_captions:  # once True it stays True (migrations only add)
+            conn = self.conn()
+            columns = {r[1] for r in conn.execute("PRAGMA table_info(images)")}
+            fts = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'images_fts'").fetchone()
+            self._has_captions = "caption" in columns and fts is not None
+        return self._has_captions
+
+    def _columns(self) -> str:
+        return _COLUMNS if self.has_captions() else _COLUMNS_V2
 
     def schema_version(self) -> int:
         """1 for databases written before segment rows existed, else the stored version."""
@@ -114,7 +166,7 @@ class MetaStore:
         return int(value) if value is not None else 1
 
     def migrate(self) -> bool:
-        """Upgrade a version-1 database to :data:`SCHEMA_VERSION` in one transaction (writer only).
+        """Upgrade a version-1 or -2 database to :data:`SCHEMA_VERSION` in one transaction (writer only).
 
         Returns True when something was migrated; a database newer than this code raises ``ValueError``.
         """
@@ -136,6 +188,15 @@ class MetaStore:
                 "CREATE UNIQUE INDEX IF NOT EXISTS images_live_part ON images(root, relpath, part)"
                 " WHERE gen_removed IS NULL"
             )
+            if "caption" not in columns:
+                conn.execute("ALTER TABLE images ADD COLUMN caption TEXT")
+            if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'images_fts'").fetchone() is None:
+                for statement in _statements(FTS_SCHEMA):
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO images_fts(rowid, name, relpath, caption) SELECT id,"
+                    f" {_BASENAME.format(r='relpath')}, relpath, caption FROM images"
+                )
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         except BaseException:
             conn.rollback()
@@ -161,7 +222,7 @@ class MetaStore:
         for start in range(0, len(ids), _CHUNK):
             part = ids[start : start + _CHUNK]
             marks = ",".join("?" * len(part))
-            sql = f"SELECT {_COLUMNS} FROM images WHERE id IN ({marks}) AND {_VISIBLE}"
+            sql = f"SELECT {self._columns()} FROM images WHERE id IN ({marks}) AND {_VISIBLE}"
             for rec in self.conn().execute(sql, (*part, gen, gen)):
                 out[int(rec[0])] = _row_dict(rec)
         return out
@@ -256,12 +317,15 @@ class MetaStore:
                 raise ValueError(f"row fields must be JSON-serialisable: {exc}") from exc
             added_at = float(row.get("added_at", now))
             part = int(row.get("part") or 0)
-            records.append((int(rid), *fields, added_at, seg, int(off), gen, extra_json, part))
+            caption = row.get("caption")
+            records.append(
+                (int(rid), *fields, added_at, seg, int(off), gen, extra_json, part, caption and str(caption))
+            )
         conn = self.conn()
         with conn:
             conn.executemany(
                 "INSERT INTO images (id, root, relpath, size, mtime_ns, hash, width, height, added_at,"
-                " seg, off, gen_added, extra, part) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " seg, off, gen_added, extra, part, caption) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 records,
             )
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('next_id', ?)", (str(int(max(ids)) + 1),))
@@ -284,6 +348,32 @@ class MetaStore:
                     (gen, *part),
                 ).rowcount
         return n
+
+    def set_captions(self, captions: Iterable[tuple[int, str | None]]) -> int:
+        """Store ``(id, caption)`` pairs (committed at once, like :meth:`touch`); returns rows changed."""
+        pairs = [(None if c is None else str(c), int(i)) for i, c in captions]
+        conn = self.conn()
+        with conn:
+            return conn.executemany("UPDATE images SET caption = ? WHERE id = ?", pairs).rowcount
+
+    def uncaptioned(self, gen: int, limit: int = 1000, after: int = -1) -> list[dict]:
+        """Up to ``limit`` visible file rows (images and whole videos, not segments) with id > ``after``
+        that have no caption yet, by id."""
+        sql = (
+            f"SELECT {self._columns()} FROM images WHERE part = 0 AND caption IS NULL AND id > ?"
+            f" AND {_VISIBLE} ORDER BY id LIMIT ?"
+        )
+        return [_row_dict(rec) for rec in self.conn().execute(sql, (int(after), gen, gen, int(limit)))]
+
+    def uncaptioned_count(self, gen: int) -> int:
+        sql = f"SELECT COUNT(*) FROM images WHERE part = 0 AND caption IS NULL AND {_VISIBLE}"
+        return int(self.conn().execute(sql, (gen, gen)).fetchone()[0])
+
+    def captioned_count(self, gen: int) -> int:
+        if not self.has_captions():
+            return 0
+        sql = f"SELECT COUNT(*) FROM images WHERE caption IS NOT NULL AND {_VISIBLE}"
+        return int(self.conn().execute(sql, (gen, gen)).fetchone()[0])
 
     def touch(self, updates: Sequence[tuple[int, int, int]]) -> None:
         """Refresh ``(id, size, mtime_ns)`` of rows whose content hash proved unchanged."""

@@ -55,6 +55,9 @@ class Encoder(abc.ABC):
             out.append(self.encode_pixels(batch))
         return np.concatenate(out, axis=0)
 
+    #: whether :meth:`caption` works (a text decoder: InternVL checkpoints)
+    can_caption: bool = False
+
     def caption(
         self,
         images: Sequence[Any],

@@ -5,7 +5,7 @@
         [--batch-size N] [--workers N] [--index-type auto|flat|ivf-flat|ivf-pq|hnsw] [--device cpu|cuda]
         [--prune] [--max-pixels N] [--video-segments SECONDS] [--max-video-seconds S] [--no-videos]
         [--engine local|ray] [--ray-address auto|HOST:PORT] [--shard-size N] [--encoders N] [--decoders N]
-        [--from-list PATHS.parquet]
+        [--from-list PATHS.parquet] [--caption [--caption-prompt P] [--caption-batch-size N]]
 
 ``--engine ray`` (extra ``.[distributed]``) plans on this machine, decodes and encodes on a Ray cluster
 (``--ray-address``; default: a local Ray instance) shard by shard and merges into the same index; a
@@ -16,6 +16,12 @@ of walking; FOLDERs, when given, are the roots the listed paths are stored under
 Videos (mp4, mov, mkv, webm, avi, m4v) get one row each (mean embedding of 8 uniformly sampled frames,
 ``kind: "video"``) and, with ``--video-segments S``, one row per S-second segment (``kind: "segment"``,
 ``t_start`` / ``t_end`` in seconds).
+
+``--caption`` also stores a generated caption per image (per video: of its middle frame) for keyword
+search and the ``caption`` of search results; a re-run captions only rows that have none. It needs an
+InternVL checkpoint (OpenCLIP has no text decoder). The demo model's QLLaMA query branch is untrained
+(``retrieval/demo_model/README.md``), so the demo captions nothing by default and its captions with
+``--caption`` are not meaningful.
 
 Progress goes to stderr; the last line on stdout is a JSON summary
 ``{"scanned", "added", "updated", "removed", "skipped", "seconds", "images_per_s", ...}``. Skipped files
@@ -111,12 +117,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--from-list", default=None, metavar="PARQUET", help="parquet of paths to index instead of walking"
     )
+    p.add_argument(
+        "--caption", action="store_true", help="store a caption per image / video (rows without one only)"
+    )
+    p.add_argument("--caption-prompt", default="English caption:", metavar="P", help="caption prompt")
+    p.add_argument("--caption-batch-size", type=int, default=8, metavar="N", help="images per caption batch")
     p.add_argument("--commit-every", type=int, default=1024, metavar="N", help="images per committed chunk")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--verbose", "-v", action="store_true")
     p.add_argument("--throttle", type=float, default=0.0, help=argparse.SUPPRESS)  # seconds per batch (tests)
     args = p.parse_args(argv)
-    for name in ("batch_size", "commit_every"):
+    for name in ("batch_size", "commit_every", "caption_batch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.video_segments is not None and not args.video_segments > 0:
@@ -150,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"error: cannot load model {args.model!r}: {exc}", file=sys.stderr)
         return 3
+    if args.caption and not encoder.can_caption:
+        print(f"error: --caption: model {args.model!r} cannot caption (no text decoder)", file=sys.stderr)
+        return 3
     common = dict(
         batch_size=args.batch_size,
         index_type=args.index_type,
@@ -161,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         video_segments=args.video_segments,
         max_video_seconds=args.max_video_seconds,
         max_video_bytes=args.max_video_bytes,
+        caption=args.caption,
+        caption_prompt=args.caption_prompt,
+        caption_batch_size=args.caption_batch_size,
     )
     engine_error: type[Exception] = RuntimeError
     try:
@@ -193,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; committed work is kept, re-run to finish", file=sys.stderr)
         return 130
-    except (IndexMismatchError, IndexFormatError, IndexLockedError) as exc:
+    except (IndexMismatchError, IndexFormatError, IndexLockedError, NotImplementedError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
     except OSError as exc:

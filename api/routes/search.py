@@ -18,13 +18,31 @@ from api.limits import unless_disconnected
 from api.routes import body_with_upload, error_responses, validate_body
 from api.schemas import MAX_ID, SearchRequest, SearchResponse, SearchResult
 from api.service import Service, decode_base64_image
+from index import hybrid
 from retrieval.images import ImageDecodeError, open_image
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["search"])
 
 _UPLOAD_MARK = "<multipart upload>"
-_JSON_SCHEMA = SearchRequest.model_json_schema()
+def _inline_defs(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` with its ``$defs`` references replaced by the definitions (the OpenAPI body is inlined)."""
+    defs = schema.pop("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return walk(defs[ref.removeprefix("#/$defs/")])
+            return {key: walk(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [walk(value) for value in node]
+        return node
+
+    return walk(schema)
+
+
+_JSON_SCHEMA = _inline_defs(SearchRequest.model_json_schema())
 _MULTIPART_FIELDS = {
     "image": {"type": "string", "format": "binary", "description": "image file"},
     "text": {"type": "string", "minLength": 1, "maxLength": 10_000},
@@ -152,6 +170,24 @@ def _result(row: dict[str, Any]) -> SearchResult:
         kind=kind,
         t_start=_seconds(row.get("t_start")) if timed else None,
         t_end=_seconds(row.get("t_end")) if timed else None,
+        caption=row.get("caption") or None,
+        found_by=row["found_by"] if "found_by" in row else ["vector"],
+    )
+
+
+def _run_search(index: Any, req: SearchRequest, vector: np.ndarray | None) -> list[dict[str, Any]]:
+    return hybrid.search(
+        index,
+        k=req.k,
+        mode=req.mode,
+        vector=vector,
+        text=req.text if req.mode != "vector" else None,
+        filters=req.filters.model_dump(exclude_none=True) if req.filters is not None else None,
+        offset=req.offset,
+        alpha=req.alpha,
+        rrf_k=req.rrf_k,
+        min_score=req.min_score,
+        deduplicate=req.deduplicate,
     )
 
 
@@ -193,11 +229,16 @@ async def retrieve_images(
     responses=error_responses(400, 401, 404, 413, 415, 422, 429, 503),
 )
 async def search(request: Request, service: ServiceDep) -> SearchResponse:
-    """Exactly one of ``text``, ``image`` (base64, or a multipart file) or ``image_id``; top ``k`` results."""
+    """Exactly one of ``text``, ``image`` (base64, or a multipart file) or ``image_id``; results
+    ``offset .. offset + k`` of the ``mode`` ranking among the rows passing ``filters``."""
     start = time.perf_counter()
     req, raw = await _parse(request)
-    index = service.require_index().current  # this request keeps this index object even across a reload
+    holder = service.require_index()
+    index = holder.current  # this request keeps this index object even across a reload
     with service.encode_gate.slot():
-        vector = await unless_disconnected(request, query_vector(service, req, raw, index))
-        results = await search_index(service, index, vector, req.k)
+        vector = None
+        if req.mode != "keyword":
+            vector = await unless_disconnected(request, query_vector(service, req, raw, index))
+        rows = await holder.run(_run_search, index, req, vector)
+    results = [_result(r) for r in rows if int(r["id"]) >= 0 and math.isfinite(float(r["score"]))]
     return SearchResponse(results=results, took_ms=round((time.perf_counter() - start) * 1000.0, 3))

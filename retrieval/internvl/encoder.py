@@ -140,6 +140,8 @@ class InternVLEncoder(TorchEncoder):
         )  # fmt: skip
         return self.captioner.decode(out.sequences)
 
+    can_caption = True
+
     def caption(
         self,
         images: Sequence[ImageInput],

@@ -52,7 +52,7 @@ def test_search_text(client: httpx.Client, image_root: Path) -> None:
     body = r.json()
     results = body["results"]
     assert len(results) == 4 and body["took_ms"] >= 0
-    assert set(results[0]) == {"id", "path", "score", "kind", "t_start", "t_end"}
+    assert set(results[0]) == {"id", "path", "score", "kind", "t_start", "t_end", "caption", "found_by"}
     assert all(x["kind"] == "image" and x["t_start"] is None and x["t_end"] is None for x in results)
     scores = [x["score"] for x in results]
     assert scores == sorted(scores, reverse=True)
