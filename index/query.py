@@ -186,7 +186,7 @@ class QueryMixin:
 
     def _exact_over(self, q: np.ndarray, selected: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Brute-force top-``k`` over the stored vectors of ``selected`` ``[id, seg, off]`` rows."""
-        pending = self._pending_map()
+        pending = self._pending.as_map()
         vecs = self._derived(selected, "vectors", lambda: self.vectors.gather(selected[:, 1:], pending))
         ids = selected[:, 0]
         # a few queries: numpy's own loop (no BLAS thread pool to wake, ~10x faster on a busy machine)
