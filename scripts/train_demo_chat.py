@@ -141,7 +141,7 @@ def _render_chunk(args: tuple[int, int, int, dict]) -> list[tuple]:
     out = []
     for i in range(start, stop):
         s = cs.make_samples(1, seed, weights=weights, start=i)[0]
-        out.append((s.kind, s.lang, s.question, s.answer, to_pixels(s.images)))
+        out.append((s.kind, s.lang, s.question, s.answer, to_pixels(s.images).numpy()))  # numpy: no fds
     return out
 
 
@@ -156,7 +156,7 @@ def render_samples(n: int, seed: int, weights: dict, workers: int) -> list[cs.Sa
     else:
         with ProcessPoolExecutor(workers) as pool:
             parts = list(pool.map(_render_chunk, chunks))
-    return [cs.Sample(k, lang, q, a, px) for part in parts for k, lang, q, a, px in part]
+    return [cs.Sample(k, lang, q, a, torch.from_numpy(px)) for part in parts for k, lang, q, a, px in part]
 
 
 def encode_samples(samples: list, tokenizer, num_image_token: int) -> list[dict]:
