@@ -145,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     chat = [] if args.no_chat else ["--chat-model", args.chat_model]
     if args.no_serve:
         print("[3/3] skipped (--no-serve); start the server with:")
-        print(f"  python -m api --index {index} --model {args.model} {shlex.join(chat)} --host {args.host} "
-              f"--port {args.port}".replace("  --host", " --host"))
+        command = ["python", "-m", "api", "--index", str(index), "--model", args.model, *chat]
+        print("  " + shlex.join([*command, "--host", args.host, "--port", str(args.port)]))
         return 0
     print(f"[3/3] serving on http://{args.host}:{args.port} (Ctrl-C stops)")
     serve = [sys.executable, "-m", "api", "--index", str(index), "--model", args.model, *chat]
