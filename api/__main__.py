@@ -24,7 +24,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m api", description="Serve /search, /classify and /chat.")
     p.add_argument("--index", help="index directory (IVL_INDEX)")
     p.add_argument("--model", help="encoder checkpoint folder or 'demo' (IVL_MODEL)")
-    p.add_argument("--chat-model", help="InternVL-Chat folder; /chat answers 503 without it (IVL_CHAT_MODEL)")
+    p.add_argument(
+        "--chat-model", help='InternVL-Chat folder or "demo"; /chat answers 503 without it (IVL_CHAT_MODEL)'
+    )
     p.add_argument("--host", help="bind address, default 127.0.0.1 (IVL_HOST)")
     p.add_argument("--port", type=int, help="port, default 8000 (IVL_PORT)")
     p.add_argument("--api-key", help="require this key as Bearer token or X-API-Key (IVL_API_KEY)")

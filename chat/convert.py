@@ -484,3 +484,33 @@ def checkpoint_layout(config: Mapping[str, Any], *, image_token_id: int = 0) -> 
             inner = _rename(inner, _INTERNLM2_TO_ORIGINAL)
         layout["language_model." + inner] = shape
     return layout
+
+
+def original_state_dict(
+    state: Mapping[str, torch.Tensor], config: Mapping[str, Any]
+) -> dict[str, torch.Tensor]:
+    """Native ``InternVLForConditionalGeneration`` state dict -> original ``InternVLChatModel`` names (the
+    inverse of :func:`convert_state_dict`, for LLaMA / Qwen2 / Phi-3 LLMs): InternViT ``q/k/v_proj`` fused
+    back into ``attn.qkv``; ``lm_head.weight`` is left out when ``config`` ties it (it is the embedding)."""
+    arch = llm_arch(config)
+    if arch == "InternLM2ForCausalLM":
+        raise CheckpointError("writing InternLM2 checkpoints (fused wqkv) is not supported")
+    tied = reference_ties_head(config)
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in state.items():
+        if m := _NATIVE_QKV.match(name):
+            proj = name.split(".")[-2]
+            qkv.setdefault(f"vision_model.encoder.layers.{m[1]}.attn.qkv.{m[2]}", {})[proj] = tensor
+        elif name.startswith(("model.vision_tower.", "model.multi_modal_projector.")):
+            out[_rename(name, _NATIVE_TO_ORIGINAL)] = tensor
+        elif name.startswith("model.language_model."):
+            out["language_model.model." + name[len("model.language_model.") :]] = tensor
+        elif name == _HEAD:
+            if not tied:
+                out["language_model.lm_head.weight"] = tensor
+        else:
+            raise CheckpointError(f"unexpected native weight {name!r}")
+    for key, parts in qkv.items():
+        out[key] = torch.cat([parts["q_proj"], parts["k_proj"], parts["v_proj"]], dim=0)
+    return out

@@ -45,6 +45,9 @@ QUANT_MODES = ("8bit", "4bit")
 QUANT_SKIP_MODULES = ("model.vision_tower", "model.multi_modal_projector", "lm_head")
 #: bytes per parameter of the quantized modes (the device-map memory estimate)
 QUANT_BYTES = {"8bit": 1.0, "4bit": 0.5}
+#: ``load_chat_model("demo")`` resolves to this folder (built by ``scripts/train_demo_chat.py``)
+DEMO_CHAT_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
+DEMO_ALIAS = "demo"
 
 
 def safetensors_files(folder: Path) -> list[Path]:
@@ -198,6 +201,18 @@ class LazyTensor:
 
     def __len__(self) -> int:
         return self._meta.shape[0] if self._meta.dim() else 0
+
+
+def resolve_chat_model_path(path: str | Path) -> Path:
+    """``"demo"`` -> the bundled demo chat model folder (:data:`DEMO_CHAT_MODEL_DIR`); otherwise the path."""
+    if str(path) == DEMO_ALIAS:
+        if not (DEMO_CHAT_MODEL_DIR / "config.json").is_file():
+            raise CheckpointError(
+                f"the demo chat model is not built: {DEMO_CHAT_MODEL_DIR} has no config.json "
+                "(python scripts/train_demo_chat.py --out chat/demo_model)"
+            )
+        return DEMO_CHAT_MODEL_DIR
+    return Path(path)
 
 
 def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
@@ -385,9 +400,10 @@ def load_chat_model(
     it (both folder formats, :func:`placement`); ``max_memory`` and ``offload_folder`` go to accelerate
     (a map with ``"disk"`` entries needs ``offload_folder``). Original folders are converted tensor by
     tensor as they load (:class:`LazyCheckpoint`). ``template`` overrides the conversation template
-    (HF-native folders carry none: ``internvl2_5`` is assumed).
+    (HF-native folders carry none: ``internvl2_5`` is assumed). ``"demo"`` is the bundled demo model
+    (:data:`DEMO_CHAT_MODEL_DIR`), loaded like any original-format folder.
     """
-    folder = Path(path)
+    folder = resolve_chat_model_path(path)
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{folder}: no config.json (not a model folder)")

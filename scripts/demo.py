@@ -6,7 +6,8 @@
 Runs ``generate_shapes.py`` (coloured shapes on plain/textured backgrounds), renders a few short H.264
 clips of moving shapes (one shape and colour per second, see :data:`VIDEO_SCENES`) into the same folder,
 then ``build_index.py --model demo --video-segments 1`` (so ``/search`` also returns video moments, rows
-of ``kind: "segment"`` with ``t_start`` / ``t_end``), then ``python -m api --index ... --model demo``;
+of ``kind: "segment"`` with ``t_start`` / ``t_end``), then ``python -m api --index ... --model demo
+--chat-model demo`` (grounded ``/chat`` with the bundled demo chat model; ``--no-chat`` leaves it off);
 prints curl examples and the web page's address (``http://127.0.0.1:8000/``).
 """
 
@@ -103,6 +104,8 @@ def curl_examples(host: str, port: int, image: Path) -> str:
             f"curl -s {url}/classify {json_header} "
             f'-d \'{{"image": "\'"$(base64 -w0 {shlex.quote(str(image))})"\'", "labels": {labels}}}\'',
             f'curl -s {url}/classify {json_header} -d \'{{"image_id": 1, "labels": {labels}}}\'',
+            "# grounded chat: retrieves the best-matching images, answers over them, cites its sources",
+            f'curl -s {url}/chat {json_header} -d \'{{"question": "Which picture has a red circle?"}}\'',
         ]
     )
 
@@ -121,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="demo", help='encoder folder, or "demo" (the bundled model)')
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--chat-model", default="demo", help='chat model folder, or "demo" (the bundled model)')
+    p.add_argument("--no-chat", action="store_true", help="serve without a chat model (/chat answers 503)")
     p.add_argument("--no-serve", action="store_true", help="generate and index only")
     p.add_argument("--no-videos", action="store_true", help="no demo videos")
     p.add_argument("--video-segments", type=float, default=1.0, metavar="S", help="segment length (seconds)")
@@ -144,14 +149,16 @@ def main(argv: list[str] | None = None) -> int:
     first = pictures()[0]
     print("\nTry:\n" + curl_examples(args.host, args.port, first) + "\n")
     url = page_url(args.host, args.port)
+    chat = [] if args.no_chat else ["--chat-model", args.chat_model]
     if args.no_serve:
         print("[3/3] skipped (--no-serve); start the server with:")
-        print(f"  python -m api --index {index} --model {args.model} --host {args.host} --port {args.port}")
+        command = ["python", "-m", "api", "--index", str(index), "--model", args.model, *chat]
+        print("  " + shlex.join([*command, "--host", args.host, "--port", str(args.port)]))
         print(f"then open the web page: {url}")
         return 0
     print(f"[3/3] serving on http://{args.host}:{args.port} (Ctrl-C stops)")
     print(f"      open the web page: {url}  (search in English, 中文, 日本語, español or français)")
-    serve = [sys.executable, "-m", "api", "--index", str(index), "--model", args.model]
+    serve = [sys.executable, "-m", "api", "--index", str(index), "--model", args.model, *chat]
     try:
         return subprocess.run([*serve, "--host", args.host, "--port", str(args.port)], check=False).returncode
     except KeyboardInterrupt:

@@ -74,4 +74,5 @@ def test_curl_examples_are_valid_json_bodies() -> None:
     for body in bodies:
         if "$(base64" not in body:
             json.loads(body)
-    assert len(bodies) == 4
+    assert len(bodies) == 5
+    assert json.loads(bodies[-1]) == {"question": "Which picture has a red circle?"}  # grounded /chat

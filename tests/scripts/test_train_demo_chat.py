@@ -1,0 +1,83 @@
+"""train_demo_chat.py / chat_shapes.py: deterministic samples, answer-only labels, a checkpoint that
+load_chat_model reads back to the same model (original layout, float16)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import chat_shapes as cs
+import pytest
+import torch
+import train_demo_chat as tdc
+from safetensors.torch import load_file
+
+from chat.convert import convert_state_dict, original_state_dict
+from chat.loader import load_chat_model, read_safetensors
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "internvl_chat_qwen2_tiny"
+
+
+def test_samples_are_deterministic_and_answer_in_language() -> None:
+    a = cs.make_samples(21, 5)
+    b = cs.make_samples(7, 5, start=14)
+    assert [(s.question, s.answer) for s in a[14:]] == [(s.question, s.answer) for s in b]
+    for s in a:
+        assert s.question.count("<image>") == len(s.images) >= 1
+    rng = random.Random(3)
+    which = cs.make_sample("which", "zh", rng)
+    assert which.question.startswith("Image-1: <image>\n") and which.answer.startswith("Image-")
+    assert cs.answer_text("colour", "zh", colour="green") == "绿色"
+    assert cs.answer_text("yesno", "fr", yes=False) == "Non"
+    assert cs.question_text("colour", "en", random.Random(0), "heart").endswith("the heart?")
+
+
+def test_which_image_has_exactly_one_match() -> None:
+    for i in range(20):
+        s = cs.make_sample("which", "en", random.Random(i))
+        n = s.question.count("<image>")
+        assert 1 <= int(s.answer.split("-")[1]) <= n
+
+
+def test_original_state_dict_inverts_the_conversion() -> None:
+    config = json.loads((FIXTURE / "config.json").read_text())
+    stored = read_safetensors(FIXTURE)
+    back = original_state_dict(convert_state_dict(stored, config), config)
+    assert sorted(back) == sorted(stored)
+    assert all(torch.equal(back[k], stored[k]) for k in stored)
+
+
+def test_labels_cover_the_answer_only() -> None:
+    tokenizer = tdc.load_tokenizer(tdc.TOKENIZER_DIR)
+    sample = cs.make_sample("colour", "en", random.Random(1))
+    (row,) = tdc.encode_samples([sample], tokenizer, 16)
+    batch = tdc.collate([row], pad_id=0)
+    targets = batch["target"][0][batch["target"][0] != -100].tolist()
+    assert tokenizer.decode(targets[:-1]).strip() == sample.answer
+    assert targets[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("demo_chat") / "model"
+    argv = ["--out", str(out), "--samples", "24", "--steps", "3", "--batch-size", "8", "--warmup", "1",
+            "--hidden", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--mlp", "64",
+            "--workers", "1"]  # fmt: skip
+    return {"out": out, **tdc.main(argv)}
+
+
+def test_checkpoint_loads_back_as_the_trained_model(tiny_run: dict) -> None:
+    out = tiny_run["out"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "internvl_chat" and "language_model.lm_head.weight" not in load_file(
+        out / "model.safetensors"
+    )
+    loaded = load_chat_model(out, device="cpu", dtype=torch.float16)
+    trained = {k: v.to(torch.float16) for k, v in tiny_run["model"].state_dict().items()}
+    for name, tensor in loaded.model.state_dict().items():
+        assert torch.equal(tensor, trained[name]), name
+    log = json.loads((out / "training.json").read_text())
+    assert log["steps_done"] == 3 and set(log["sha256"]) >= {"config.json", "model.safetensors"}
+    sample = cs.make_sample("shape", "en", random.Random(0))
+    assert isinstance(loaded.chat(sample.question, images=sample.images, max_new_tokens=3), str)
