@@ -8,6 +8,7 @@ Directory layout::
                          migrated by the first writer, see :mod:`index.store`)
     vectors/seg-*.npy    float16 vectors, memory-mappable, immutable segments
     faiss/<gen>.faiss    FAISS index (ids = SQLite ids) as of ``faiss_generation``
+    faiss/<gen>.ivfdata  its inverted lists, for an on-disk IVF (``Index.save_ondisk``, :mod:`index.ondisk`)
 
 A save writes vectors, SQLite rows (tagged ``generation + 1``) and possibly a new FAISS file, then
 atomically replaces ``manifest.json``. Readers only see rows of the manifest's generation and apply
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from index import faiss_index as fx
+from index import ondisk
 from index.manifest import (  # noqa: F401 - the errors are re-exported for ``from index.index import ...``
     IndexFormatError,
     IndexLockedError,
@@ -140,6 +142,8 @@ class Index(SaveMixin, QueryMixin):
         self._factory = manifest["faiss_factory"]
         self._dead: set[int] = set()
         added, removed = self.store.delta(int(manifest["faiss_generation"]), self._gen)
+        if added or removed:  # an on-disk IVF (index.ondisk) is shared with other readers: never changed
+            self._faiss = ondisk.to_memory(self._faiss)
         if added:
             ids = np.fromiter((a for a, _, _ in added), dtype=np.int64, count=len(added))
             self._faiss.add_with_ids(self.vectors.gather([(s, o) for _, s, o in added]), ids)
@@ -161,6 +165,7 @@ class Index(SaveMixin, QueryMixin):
         if not len(ids):
             return
         if fx.supports_remove(self._faiss):
+            self._faiss = ondisk.to_memory(self._faiss)
             self._faiss.remove_ids(np.asarray(ids, dtype=np.int64))
             self._search_index = None
         else:
@@ -291,6 +296,7 @@ class Index(SaveMixin, QueryMixin):
             half = vectors.astype(np.float16)
             self._pending.append(half)
             stored = half.astype(np.float32)
+            self._faiss = ondisk.to_memory(self._faiss)
             self._faiss.add_with_ids(stored, ids)
             self._add_to_search_copy(stored, ids)
             self._count += len(rows)

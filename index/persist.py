@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 from index import faiss_index as fx
-from index import maintenance
+from index import maintenance, ondisk
 from index.manifest import read_manifest, write_manifest
 
 logger = logging.getLogger(__name__)
@@ -91,6 +94,7 @@ class SaveMixin:
             self._apply_search_params()
         if write_faiss:
             name = f"faiss/{new_gen:08d}.faiss"
+            self._faiss = ondisk.to_memory(self._faiss)  # never a second reference to an old .ivfdata
             fx.write(self._faiss, self.dir / name)
             manifest.update(
                 faiss_file=name,
@@ -109,6 +113,80 @@ class SaveMixin:
         self._cleanup(previous.get("faiss_file"))
         logger.debug("saved %s generation %d (%d rows)", self.dir, new_gen, self._count)
 
+    def save_ondisk(self, *, map_blocks: ondisk.BlockMapper | None = None, seed: int = 0) -> bool:
+        """Commit, then write the FAISS index as an on-disk IVF (see :mod:`index.ondisk`); True when done.
+
+        IVF is trained once on the sample :meth:`rebuild` would draw (``seed``), so the result searches as
+        the in-memory IVF; ``map_blocks`` runs the per-block adds (default: in this process; the Ray engine
+        runs them as parallel tasks). Index types that are not IVF at this size get ``save(full=True)``.
+        """
+        with self._lock:
+            self._acquire_writer()
+            self.save(keep_structure=True)
+            factory = fx.choose_factory(
+                self._manifest["index_type"],
+                self._count,
+                self.dim,
+                int(self._manifest.get("memory_budget", fx.DEFAULT_MEMORY_BUDGET)),
+            )
+            if not factory.startswith("IVF"):
+                logger.info("%s: %s is not an IVF index, saving it in memory", self.dir, factory)
+                self.save(full=True)
+                return False
+            try:
+                self._save_ondisk(factory, map_blocks or ondisk.run_local, seed)
+            except BaseException:
+                logger.error("on-disk save of %s failed: the index keeps its previous FAISS file", self.dir)
+                self._reset()
+                raise
+            return True
+
+    def _save_ondisk(self, factory: str, map_blocks: ondisk.BlockMapper, seed: int) -> None:
+        """The body of :meth:`save_ondisk` (lock held, nothing pending): train, add blocks, merge, commit."""
+        if not self._delta and self._factory == factory and ondisk.is_ondisk(self._faiss):
+            return  # already on disk and up to date (a re-run with nothing new)
+        live = self.store.live_locations(self._view)
+        locs = [(s, o) for _, s, o in live]
+        trained = fx.new_index(
+            factory,
+            self.dim,
+            self.metric,
+            maintenance.train_sample(self.vectors, locs, factory, self.dim, self.metric, None, seed),
+        )
+        new_gen = self._gen + 1
+        name = f"faiss/{new_gen:08d}.faiss"
+        work = Path(tempfile.mkdtemp(prefix=".ivf-blocks-", dir=self.dir))  # shared storage for Ray workers
+        try:
+            trained_path, folder = str(work / "trained.index"), str(self.vectors.folder)
+            fx.faiss.write_index(trained, trained_path)
+            args = [
+                (trained_path, folder, self.dim, ids, where, str(work / f"block-{k:06d}.index"))
+                for k, (ids, where) in enumerate(ondisk.blocks(live))
+            ]
+            paths = map_blocks(ondisk.add_block, args)
+            merged = ondisk.merge_blocks(trained, paths, self.dir / ondisk.companion(name))
+            fx.write(merged, self.dir / name)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        manifest = dict(self._manifest)
+        manifest.update(
+            faiss_file=name,
+            faiss_generation=new_gen,
+            faiss_factory=factory,
+            faiss_count=int(merged.ntotal),
+            generation=new_gen,
+            count=self._count,
+            updated_at=time.time(),
+        )
+        write_manifest(self.dir, manifest)  # the commit point
+        previous = self._manifest
+        self._manifest, self._gen = manifest, new_gen
+        self._faiss = fx.read(self.dir / name)  # mapped read-only, as readers see it
+        self._factory, self._dead, self._rebuild_needed, self._delta = factory, set(), False, 0
+        self._apply_search_params()
+        self._cleanup(previous.get("faiss_file"))
+        logger.info("%s: on-disk IVF %s, %d vectors, %d blocks", self.dir, factory, merged.ntotal, len(paths))
+
     def rebuild(self, index_type: str | None = None) -> None:
         """Rebuild (and retrain) the FAISS index from the stored vectors, optionally changing its type."""
         with self._lock:
@@ -125,7 +203,8 @@ class SaveMixin:
         self.store.purge(min(self._gen - 2, int(self._manifest["faiss_generation"])))
         in_use = self.store.segments_in_use() | {self._pending.seg}
         self.vectors.delete(sorted(self.vectors.existing() - in_use))
-        keep = {self._manifest["faiss_file"], keep_faiss}
+        keep = {self._manifest["faiss_file"], keep_faiss} - {None}
+        keep |= {ondisk.companion(f) for f in keep}
         for path in (self.dir / "faiss").iterdir():
             if f"faiss/{path.name}" not in keep:
                 path.unlink(missing_ok=True)
