@@ -4,8 +4,8 @@
     python scripts/build_index.py FOLDER [FOLDER ...] --index DIR --model PATH [--mode internvl-c|internvl-g]
         [--batch-size N] [--workers N] [--index-type auto|flat|ivf-flat|ivf-pq|hnsw] [--device cpu|cuda]
         [--prune] [--max-pixels N] [--video-segments SECONDS] [--max-video-seconds S] [--no-videos]
-        [--engine local|ray] [--ray-address auto|HOST:PORT] [--shard-size N] [--encoders N] [--decoders N] [--ondisk]
-        [--from-list PATHS.parquet] [--caption [--caption-prompt P] [--caption-batch-size N]]
+        [--engine local|ray] [--ray-address auto|HOST:PORT] [--shard-size N] [--encoders N] [--decoders N]
+        [--ondisk] [--from-list PATHS.parquet] [--caption [--caption-prompt P] [--caption-batch-size N]]
 
 ``--engine ray`` (extra ``.[distributed]``) plans on this machine, decodes and encodes on a Ray cluster
 (``--ray-address``; default: a local Ray instance) shard by shard and merges into the same index; a

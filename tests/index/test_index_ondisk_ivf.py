@@ -161,3 +161,37 @@ def test_ondisk_blocks_run_as_parallel_ray_tasks(tmp_path, monkeypatch, ray_sess
     np.testing.assert_array_equal(index.search(QUERIES, 10)[0], mem.search(QUERIES, 10)[0])
     index.close()
     mem.close()
+
+
+def test_ray_build_with_ondisk_forced(tmp_path, encoder, ray_session):
+    """``build_index_ray(ondisk=True)`` at small N: an on-disk IVF that searches as the in-memory rebuild of
+    the same rows (same training sample), and a re-run with nothing new leaves it as it is."""
+    import shutil
+
+    from conftest import TEST_MAX_PIXELS, TINY_MODEL, make_images
+
+    from index.ray_engine import build_index_ray
+
+    make_images(tmp_path / "imgs", 400)
+    spec = {"model": str(TINY_MODEL), "mode": None, "device": "cpu", "dtype": None}
+    kwargs = dict(shard_size=100, batch_size=8, max_pixels=TEST_MAX_PIXELS, progress=False, seed=0)
+    report = build_index_ray(
+        [tmp_path / "imgs"], tmp_path / "ray", encoder, spec, index_type="ivf-flat", ondisk=True, **kwargs
+    )
+    assert report.indexed == 400
+    shutil.copytree(tmp_path / "ray", tmp_path / "copy")  # found next to its .faiss file, not the original
+    with Index.open(tmp_path / "copy") as copy:
+        assert ondisk.is_ondisk(copy._faiss) and copy.manifest["faiss_factory"].startswith("IVF")
+        queries = copy.get_vectors(copy.ids()[:20])
+        ids_d, d_d, _ = copy.search(queries, 10)
+        copy.rebuild()  # in memory, trained on the same sample
+        assert not ondisk.is_ondisk(copy._faiss)
+        ids_m, d_m, _ = copy.search(queries, 10)
+    np.testing.assert_array_equal(ids_d, ids_m)
+    np.testing.assert_allclose(d_d, d_m, atol=1e-5, rtol=0)
+    with Index.open(tmp_path / "ray") as index:
+        name = index.manifest["faiss_file"]
+    again = build_index_ray([tmp_path / "imgs"], tmp_path / "ray", encoder, spec, ondisk=True, **kwargs)
+    assert again.added == 0
+    with Index.open(tmp_path / "ray") as index:
+        assert index.manifest["faiss_file"] == name and ondisk.is_ondisk(index._faiss)
