@@ -34,6 +34,7 @@ import numpy as np
 
 from index import faiss_index as fx
 from index import ondisk
+from index.faiss_index import faiss
 from index.filters import SearchFilters
 from index.manifest import (  # noqa: F401 - the errors are re-exported for ``from index.index import ...``
     IndexFormatError,
@@ -139,15 +140,17 @@ class Index:
 
     # ------------------------------------------------------------------------------- state
     @property
-    def _faiss(self):  # noqa: ANN202 - faiss.Index; the CPU FAISS index (tests and tools inspect it)
+    def _faiss(self) -> faiss.Index:
+        """The CPU FAISS index (owned by the state; tests and tools inspect it)."""
         return self._state.faiss
 
     @property
-    def _search_index(self):  # noqa: ANN202 - its search copy (GPU), None until the next search
+    def _search_index(self) -> faiss.Index | None:
+        """Its search copy (GPU, or the CPU index itself); None until the next search."""
         return self._state.search_index
 
     @_search_index.setter
-    def _search_index(self, value) -> None:  # noqa: ANN001
+    def _search_index(self, value: faiss.Index | None) -> None:
         self._state.search_index = value
 
     @property
