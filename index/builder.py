@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -297,12 +297,17 @@ def finish_build(
     caption_batch_size: int = 8,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     progress: bool = True,
+    final_save: Callable[[Index], object] | None = None,
 ) -> None:
-    """Prune, final full save, the caption pass (``caption``: rows without one), counts and
+    """Prune, final full save (``final_save(index)`` instead of ``index.save(full=True)`` when given,
+    e.g. the Ray engine's on-disk IVF), the caption pass (``caption``: rows without one), counts and
     ``build_report.json`` / ``skipped.tsv``."""
     if prune and plan.deleted:
         report.removed += index.remove(plan.deleted)
-    index.save(full=True)
+    if final_save is None:
+        index.save(full=True)
+    else:
+        final_save(index)
     if caption:
         if encoder is None:
             raise ValueError("caption=True needs the encoder")

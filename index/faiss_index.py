@@ -241,4 +241,11 @@ def write(index: faiss.Index, path: Path) -> None:
 
 
 def read(path: Path) -> faiss.Index:
-    return faiss.read_index(str(path))
+    """Read an index file; the lists of an on-disk IVF (:mod:`index.ondisk`) are mapped read-only from
+    the ``.ivfdata`` file next to it, wherever the index directory now is."""
+    if not Path(path).with_suffix(".ivfdata").exists():
+        return faiss.read_index(str(path))
+    from index.ondisk import c_stdout_to_stderr
+
+    with c_stdout_to_stderr():  # faiss prints the ivfdata path it takes
+        return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)

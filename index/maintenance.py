@@ -57,6 +57,27 @@ def merge_segments(
     return len(live)
 
 
+def train_sample(
+    vectors: VectorStore,
+    locs: list[tuple[int, int]],
+    factory: str,
+    dim: int,
+    metric: str,
+    pending: Mapping[int, np.ndarray] | None = None,
+    seed: int = 0,
+) -> np.ndarray | None:
+    """The random training sample of ``locs`` (rows in id order) for ``factory``; None when it needs none.
+
+    In-memory rebuilds and on-disk saves (:mod:`index.ondisk`) draw the same sample from the same rows."""
+    probe = faiss.index_factory(int(dim), factory, fx.METRICS[metric])
+    if probe.is_trained:
+        return None
+    nlist = int(re.match(r"IVF(\d+)", factory).group(1)) if factory.startswith("IVF") else 0
+    n_train = min(len(locs), MAX_TRAIN, max(64 * nlist, 64 * 256))  # 64 points per centroid
+    pick = np.sort(np.random.default_rng(seed).choice(len(locs), size=n_train, replace=False))
+    return vectors.gather([locs[i] for i in pick], pending)
+
+
 def rebuild_faiss(
     store: MetaStore,
     vectors: VectorStore,
@@ -71,13 +92,7 @@ def rebuild_faiss(
     live = store.live_locations(view)
     ids = np.asarray([i for i, _, _ in live], dtype=np.int64)
     locs = [(s, o) for _, s, o in live]
-    sample = None
-    probe = faiss.index_factory(int(dim), factory, fx.METRICS[metric])
-    if not probe.is_trained:
-        nlist = int(re.match(r"IVF(\d+)", factory).group(1)) if factory.startswith("IVF") else 0
-        n_train = min(len(locs), MAX_TRAIN, max(64 * nlist, 64 * 256))  # 64 points per centroid
-        pick = np.sort(np.random.default_rng(seed).choice(len(locs), size=n_train, replace=False))
-        sample = vectors.gather([locs[i] for i in pick], pending)
+    sample = train_sample(vectors, locs, factory, dim, metric, pending, seed)
     index = fx.new_index(factory, dim, metric, sample)
     for start in range(0, len(locs), ADD_CHUNK):
         index.add_with_ids(

@@ -9,123 +9,146 @@ fsynced and renamed, so a crash at any instant leaves the previous or the new in
 from __future__ import annotations
 
 import logging
-import os
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 from index import faiss_index as fx
-from index import maintenance
-from index.manifest import read_manifest, write_manifest
+from index import maintenance, ondisk
+from index.manifest import write_manifest
+from index.state import IndexState
 
 logger = logging.getLogger(__name__)
 
 
-class SaveMixin:
-    """``save`` / ``rebuild``; the state they change is set up by ``Index``."""
+class Saver:
+    """Commits the changes held by an :class:`IndexState` (the caller holds its lock as the writer).
 
-    def save(self, *, full: bool = False, keep_structure: bool = False) -> None:
-        """Commit all changes atomically (vectors, rows, FAISS, then the manifest last).
+    :meth:`save` and :meth:`save_ondisk` return the FAISS file of the generation they replaced (what the
+    clean-up keeps for its readers), or None when nothing was committed; the ``Index`` then cleans up.
+    """
 
-        The FAISS file is rewritten when the pending delta has grown large, when the index type
-        calls for another structure (e.g. ``auto`` crossing to IVF, IVF lists outgrown), or with
-        ``full=True``; otherwise readers replay the small delta from SQLite on open.
-        ``keep_structure`` (bulk loads) keeps the current FAISS structure, so that a later
-        ``save(full=True)`` trains the final one once on a sample of everything added.
-        """
-        with self._lock:
-            if not self._writer:
-                self._acquire_writer()
-            try:
-                self._save(full, keep_structure)
-            except BaseException:
-                logger.error("saving %s failed: its unsaved changes are dropped", self.dir)
-                self._reset()
-                raise
+    def __init__(self, state: IndexState) -> None:
+        self.state = state
 
-    def _reset(self) -> None:
-        """Back to the last committed state (after a failed save), as a reader."""
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-        self._writer = False
-        self.vectors.forget()
-        try:
-            self._load(read_manifest(self.dir))
-        except (OSError, ValueError) as exc:
-            logger.error("cannot reload %s: %s", self.dir, exc)
-
-    def _save(self, full: bool, keep_structure: bool = False) -> None:
-        """The body of :meth:`save` (lock held)."""
-        factory = fx.choose_factory(
-            self._manifest["index_type"],
-            self._count,
-            self.dim,
-            int(self._manifest.get("memory_budget", fx.DEFAULT_MEMORY_BUDGET)),
+    def factory(self) -> str:
+        """The FAISS structure the index type calls for at the current row count."""
+        s = self.state
+        return fx.choose_factory(
+            s.manifest["index_type"],
+            s.count,
+            s.dim,
+            int(s.manifest.get("memory_budget", fx.DEFAULT_MEMORY_BUDGET)),
         )
+
+    def save(self, full: bool, keep_structure: bool = False) -> str | None:
+        """Commit all changes (see :meth:`index.index.Index.save`)."""
+        s = self.state
+        factory = self.factory()
         if keep_structure and not full:
-            factory = self._factory
-        if not (self._changed or factory != self._factory or self._rebuild_needed or (full and self._delta)):
-            return
-        new_gen = self._gen + 1
-        pending = self._pending.as_map()
-        next_seg = self._pending.seg
+            factory = s.factory
+        if not (s.changed or factory != s.factory or s.rebuild_needed or (full and s.delta)):
+            return None
+        new_gen = s.gen + 1
+        pending = s.pending.as_map()
+        next_seg = s.pending.seg
         if pending is not None:
-            self.vectors.write(self._pending.seg, pending[self._pending.seg])
+            s.vectors.write(s.pending.seg, pending[s.pending.seg])
             next_seg += 1
-        merge = maintenance.plan_merge(self.store.segment_live_counts())
+        merge = maintenance.plan_merge(s.store.segment_live_counts())
         if merge:
-            maintenance.merge_segments(self.store, self.vectors, merge, next_seg, self._view, pending)
+            maintenance.merge_segments(s.store, s.vectors, merge, next_seg, s.view, pending)
             next_seg += 1
-        manifest = dict(self._manifest)
+        manifest = dict(s.manifest)
         write_faiss = (
             full
-            or factory != self._factory
-            or self._rebuild_needed
-            or self._delta >= max(4096, int(manifest["faiss_count"]) // 2)
+            or factory != s.factory
+            or s.rebuild_needed
+            or s.delta >= max(4096, int(manifest["faiss_count"]) // 2)
         )
         # ids the FAISS index cannot remove (HNSW) must not reach a written file
-        if factory != self._factory or self._rebuild_needed or (write_faiss and self._dead):
-            self._faiss = maintenance.rebuild_faiss(
-                self.store, self.vectors, self._view, factory, self.dim, self.metric, pending
-            )
-            self._factory, self._dead, self._rebuild_needed = factory, set(), False
-            self._apply_search_params()
+        if factory != s.factory or s.rebuild_needed or (write_faiss and s.dead):
+            s.faiss = maintenance.rebuild_faiss(s.store, s.vectors, s.view, factory, s.dim, s.metric, pending)
+            s.factory, s.dead, s.rebuild_needed = factory, set(), False
+            s.apply_search_params()
         if write_faiss:
             name = f"faiss/{new_gen:08d}.faiss"
-            fx.write(self._faiss, self.dir / name)
+            s.faiss = ondisk.to_memory(s.faiss)  # never a second reference to an old .ivfdata
+            fx.write(s.faiss, s.dir / name)
             manifest.update(
                 faiss_file=name,
                 faiss_generation=new_gen,
-                faiss_factory=self._factory,
-                faiss_count=int(self._faiss.ntotal),
+                faiss_factory=s.factory,
+                faiss_count=int(s.faiss.ntotal),
             )
-        manifest.update(generation=new_gen, count=self._count, next_segment=next_seg, updated_at=time.time())
-        write_manifest(self.dir, manifest)  # the commit point
-        previous = self._manifest
-        self._manifest, self._gen = manifest, new_gen
-        self._pending.reset(next_seg)
-        self._changed = False
+        manifest.update(generation=new_gen, count=s.count, next_segment=next_seg, updated_at=time.time())
+        write_manifest(s.dir, manifest)  # the commit point
+        previous = s.manifest
+        s.manifest, s.gen = manifest, new_gen
+        s.pending.reset(next_seg)
+        s.changed = False
         if write_faiss:
-            self._delta = 0
-        self._cleanup(previous.get("faiss_file"))
-        logger.debug("saved %s generation %d (%d rows)", self.dir, new_gen, self._count)
+            s.delta = 0
+        logger.debug("saved %s generation %d (%d rows)", s.dir, new_gen, s.count)
+        return previous.get("faiss_file")
 
-    def rebuild(self, index_type: str | None = None) -> None:
-        """Rebuild (and retrain) the FAISS index from the stored vectors, optionally changing its type."""
-        with self._lock:
-            self._acquire_writer()
-            if index_type is not None:
-                fx.choose_factory(index_type, 0, self.dim)  # validates the name
-                self._manifest = {**self._manifest, "index_type": index_type}
-                self._changed = True
-            self._rebuild_needed = True
-            self.save(full=True)
+    def save_ondisk(self, factory: str, map_blocks: ondisk.BlockMapper, seed: int) -> str | None:
+        """Write the FAISS index as an on-disk IVF of ``factory`` (nothing pending): train, add blocks,
+        merge, commit (see :meth:`index.index.Index.save_ondisk`)."""
+        s = self.state
+        if not s.delta and s.factory == factory and ondisk.is_ondisk(s.faiss):
+            return None  # already on disk and up to date (a re-run with nothing new)
+        live = s.store.live_locations(s.view)
+        locs = [(seg, off) for _, seg, off in live]
+        trained = fx.new_index(
+            factory,
+            s.dim,
+            s.metric,
+            maintenance.train_sample(s.vectors, locs, factory, s.dim, s.metric, None, seed),
+        )
+        new_gen = s.gen + 1
+        name = f"faiss/{new_gen:08d}.faiss"
+        work = Path(tempfile.mkdtemp(prefix=".ivf-blocks-", dir=s.dir))  # shared storage for Ray workers
+        try:
+            trained_path, folder = str(work / "trained.index"), str(s.vectors.folder)
+            fx.faiss.write_index(trained, trained_path)
+            args = [
+                (trained_path, folder, s.dim, ids, where, str(work / f"block-{k:06d}.index"))
+                for k, (ids, where) in enumerate(ondisk.blocks(live))
+            ]
+            paths = map_blocks(ondisk.add_block, args)
+            merged = ondisk.merge_blocks(trained, paths, s.dir / ondisk.companion(name))
+            fx.write(merged, s.dir / name)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        manifest = dict(s.manifest)
+        manifest.update(
+            faiss_file=name,
+            faiss_generation=new_gen,
+            faiss_factory=factory,
+            faiss_count=int(merged.ntotal),
+            generation=new_gen,
+            count=s.count,
+            updated_at=time.time(),
+        )
+        write_manifest(s.dir, manifest)  # the commit point
+        previous = s.manifest
+        s.manifest, s.gen = manifest, new_gen
+        s.faiss = fx.read(s.dir / name)  # mapped read-only, as readers see it
+        s.factory, s.dead, s.rebuild_needed, s.delta = factory, set(), False, 0
+        s.apply_search_params()
+        logger.info("%s: on-disk IVF %s, %d vectors, %d blocks", s.dir, factory, merged.ntotal, len(paths))
+        return previous.get("faiss_file")
 
-    def _cleanup(self, keep_faiss: str | None = None) -> None:
+    def cleanup(self, keep_faiss: str | None = None) -> None:
         """Drop what no reader of the current or previous generation can need any more."""
-        self.store.purge(min(self._gen - 2, int(self._manifest["faiss_generation"])))
-        in_use = self.store.segments_in_use() | {self._pending.seg}
-        self.vectors.delete(sorted(self.vectors.existing() - in_use))
-        keep = {self._manifest["faiss_file"], keep_faiss}
-        for path in (self.dir / "faiss").iterdir():
+        s = self.state
+        s.store.purge(min(s.gen - 2, int(s.manifest["faiss_generation"])))
+        in_use = s.store.segments_in_use() | {s.pending.seg}
+        s.vectors.delete(sorted(s.vectors.existing() - in_use))
+        keep = {s.manifest["faiss_file"], keep_faiss} - {None}
+        keep |= {ondisk.companion(f) for f in keep}
+        for path in (s.dir / "faiss").iterdir():
             if f"faiss/{path.name}" not in keep:
                 path.unlink(missing_ok=True)

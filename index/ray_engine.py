@@ -32,7 +32,7 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,7 @@ import ray
 import torch
 from tqdm import tqdm
 
+from index import ondisk as od
 from index.builder import (
     DEFAULT_MAX_VIDEO_BYTES,
     DEFAULT_MAX_VIDEO_SECONDS,
@@ -397,6 +398,13 @@ def _embed_shards(
         raise RayEngineError(f"{len(pending)} shards never finished: {sorted(pending)[:10]}")
 
 
+def ray_map_blocks(fn: Callable[..., str], args: Sequence[tuple]) -> list[str]:
+    """:data:`index.ondisk.BlockMapper` on Ray: the per-block IVF adds as parallel tasks (retried when a
+    worker dies; each writes its block tmp-then-rename, so a retry is idempotent)."""
+    task = ray.remote(num_cpus=1, max_retries=DECODE_RETRIES)(fn)
+    return ray.get([task.remote(*a) for a in args])
+
+
 def build_index_ray(
     roots: Sequence[str | os.PathLike],
     index_dir: str | os.PathLike,
@@ -422,11 +430,15 @@ def build_index_ray(
     caption: bool = False,
     caption_prompt: str = "English caption:",
     caption_batch_size: int = 8,
+    ondisk: bool | None = None,
 ) -> BuildReport:
     """Index ``roots`` (or the paths of ``from_list``) into ``index_dir`` on Ray; see the module docstring.
 
     ``encoder`` is loaded on the driver (name / dim checks and videos); ``spec`` (``model``, ``mode``,
     ``device``, ``dtype``) tells each actor how to load it. ``seed`` fixes the shuffle of the shards.
+    ``ondisk`` (default: above :data:`index.ondisk.ONDISK_MIN_VECTORS` vectors) makes the final save
+    train IVF once on a sample, add blocks of rows as parallel Ray tasks and ``merge_ondisk`` them into
+    one ``.ivfdata`` file (:meth:`Index.save_ondisk`); index types that are not IVF at that size ignore it.
     """
     if batch_size < 1 or shard_size < 1:
         raise ValueError("batch_size and shard_size must be positive")
@@ -440,6 +452,15 @@ def build_index_ray(
         prune = False
     index = open_or_create(index_dir, encoder, index_type)
     started = False
+
+    def final_save(idx: Index) -> None:
+        nonlocal started
+        if not (ondisk if ondisk is not None else len(idx) > od.ONDISK_MIN_VECTORS):
+            idx.save(full=True)
+            return
+        started = _connect(ray_address) or started
+        idx.save_ondisk(map_blocks=ray_map_blocks)
+
     try:
         report = BuildReport()
         work = ShardDir(index.dir / SHARD_FOLDER).ensure()
@@ -497,7 +518,7 @@ def build_index_ray(
         finish_build(
             index, plan, report, start, prune=prune, encoder=encoder, caption=caption,
             caption_prompt=caption_prompt, caption_batch_size=caption_batch_size, max_pixels=max_pixels,
-            progress=progress,
+            progress=progress, final_save=final_save,
         )  # fmt: skip
         work.clean_temporaries()
     finally:

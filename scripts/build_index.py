@@ -5,7 +5,7 @@
         [--batch-size N] [--workers N] [--index-type auto|flat|ivf-flat|ivf-pq|hnsw] [--device cpu|cuda]
         [--prune] [--max-pixels N] [--video-segments SECONDS] [--max-video-seconds S] [--no-videos]
         [--engine local|ray] [--ray-address auto|HOST:PORT] [--shard-size N] [--encoders N] [--decoders N]
-        [--from-list PATHS.parquet] [--caption [--caption-prompt P] [--caption-batch-size N]]
+        [--ondisk] [--from-list PATHS.parquet] [--caption [--caption-prompt P] [--caption-batch-size N]]
 
 ``--engine ray`` (extra ``.[distributed]``) plans on this machine, decodes and encodes on a Ray cluster
 (``--ray-address``; default: a local Ray instance) shard by shard and merges into the same index; a
@@ -115,6 +115,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--decoders", type=int, default=None, metavar="N", help="decode tasks (ray; default: free CPUs)"
     )
     p.add_argument(
+        "--ondisk",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="ray: final IVF on disk, blocks added in parallel (default: above 20M vectors)",
+    )
+    p.add_argument(
         "--from-list", default=None, metavar="PARQUET", help="parquet of paths to index instead of walking"
     )
     p.add_argument(
@@ -140,9 +146,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("give FOLDER arguments or --from-list")
     if args.shard_size < 1 or any(v is not None and v < 1 for v in (args.encoders, args.decoders)):
         p.error("--shard-size, --encoders and --decoders must be >= 1")
-    ray_only = ("ray_address", "encoders", "decoders", "from_list")
+    ray_only = ("ray_address", "encoders", "decoders", "from_list", "ondisk")
     if args.engine == "local" and any(getattr(args, n) is not None for n in ray_only):
-        p.error("--ray-address, --encoders, --decoders and --from-list need --engine ray")
+        p.error("--ray-address, --encoders, --decoders, --from-list and --ondisk need --engine ray")
     return args
 
 
@@ -196,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                 encoders=args.encoders,
                 decoders=args.decoders,
                 from_list=args.from_list,
+                ondisk=args.ondisk,
                 **common,
             )
         else:
