@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, TEST_MAX_PIXELS, TINY_MODEL, make_images
 
 from index import Index, ondisk
 
@@ -167,8 +167,6 @@ def test_ray_build_with_ondisk_forced(tmp_path, encoder, ray_session):
     """``build_index_ray(ondisk=True)`` at small N: an on-disk IVF that searches as the in-memory rebuild of
     the same rows (same training sample), and a re-run with nothing new leaves it as it is."""
     import shutil
-
-    from conftest import TEST_MAX_PIXELS, TINY_MODEL, make_images
 
     from index.ray_engine import build_index_ray
 
