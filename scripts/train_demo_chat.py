@@ -258,6 +258,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared CPU)")
     p.add_argument("--workers", type=int, default=2, help="rendering processes (same samples for any)")
+    p.add_argument("--curriculum", type=int, default=0,
+                   help="steps trained on the attribute kinds only before --late-kinds are mixed in")
+    p.add_argument("--late-kinds", default="yesno,which", help="kinds held back by --curriculum")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="start from this original-format model folder (pilots; same architecture)")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument(
         "--max-minutes", type=float, default=0.0, help="stop training after this long (0: no limit)"
@@ -275,6 +280,11 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = load_tokenizer(TOKENIZER_DIR)
     image_token_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
     model = build_model(config, image_token_id, args.seed, args.proj_init)
+    if args.init_from:
+        state = {k: v.float() for k, v in load_file(args.init_from / "model.safetensors").items()}
+        missing, unexpected = model.load_state_dict(convert_state_dict(state, config), strict=False)
+        if [k for k in missing if k != "lm_head.weight"] or unexpected:
+            raise RuntimeError(f"--init-from mismatch: missing {missing}, unexpected {unexpected}")
     num_image_token = int(model.config.image_seq_length)
     weights = {k: float(v) for k, v in (kv.split("=") for kv in args.weights.split(","))}
     samples = render_samples(args.samples, args.seed, weights, args.workers)
@@ -289,7 +299,10 @@ def main(argv: list[str] | None = None) -> dict:
     base = [args.vision_lr, args.lr]
     rng = random.Random(args.seed)
     lengths = [len(d["ids"]) for d in data]
+    late = set(args.late_kinds.split(",")) if args.curriculum else set()
+    early = [i for i, d in enumerate(data) if d["kind"] not in late]
     queue: list[list[int]] = []
+    in_curriculum = bool(late)
     pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     history, smoothed, t_train = [], None, time.time()
     model.train()
@@ -299,8 +312,17 @@ def main(argv: list[str] | None = None) -> dict:
             1 + math.cos(math.pi * (step - args.warmup) / max(1, args.steps - args.warmup)))  # fmt: skip
         for group, lr in zip(opt.param_groups, base, strict=True):
             group["lr"] = lr * scale
+        if in_curriculum and step > args.curriculum:
+            in_curriculum, queue = False, []
+            logger.info("step %d: %s mixed in", step, ", ".join(sorted(late)))
         if not queue:
-            queue = batches(lengths, args.batch_size, rng)
+            if in_curriculum:
+                queue = [[early[j] for j in b] for b in batches([lengths[i] for i in early],
+                                                                args.batch_size, rng)]  # fmt: skip
+            else:
+                queue = batches(lengths, args.batch_size, rng)
+            if not queue:
+                raise ValueError(f"fewer than --batch-size {args.batch_size} samples to draw batches from")
         batch = collate([data[i] for i in queue.pop()], pad_id)
         loss = loss_on_answers(model, batch)
         opt.zero_grad(set_to_none=True)

@@ -81,3 +81,31 @@ def test_checkpoint_loads_back_as_the_trained_model(tiny_run: dict) -> None:
     assert log["steps_done"] == 3 and set(log["sha256"]) >= {"config.json", "model.safetensors"}
     sample = cs.make_sample("shape", "en", random.Random(0))
     assert isinstance(loaded.chat(sample.question, images=sample.images, max_new_tokens=3), str)
+
+
+TINY = ["--hidden", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--mlp", "64", "--workers", "1",
+        "--batch-size", "8", "--warmup", "1"]  # fmt: skip
+
+
+def test_curriculum_holds_back_the_late_kinds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[list[str]] = []
+    collate = tdc.collate
+
+    def recording(batch: list[dict], pad_id: int) -> dict:
+        seen.append([b["kind"] for b in batch])
+        return collate(batch, pad_id)
+
+    monkeypatch.setattr(tdc, "collate", recording)
+    tdc.main(["--out", str(tmp_path / "m"), "--samples", "64", "--steps", "6", "--curriculum", "3",
+              "--late-kinds", "yesno,which", *TINY])  # fmt: skip
+    assert len(seen) == 6
+    assert not {"yesno", "which"} & {k for b in seen[:3] for k in b}
+
+
+def test_init_from_starts_from_the_given_model(tiny_run: dict, tmp_path: Path) -> None:
+    out = tmp_path / "again"
+    tdc.main(["--out", str(out), "--samples", "16", "--steps", "1", "--lr", "0", "--vision-lr", "0",
+              "--init-from", str(tiny_run["out"]), *TINY])  # fmt: skip
+    a, b = load_file(out / "model.safetensors"), load_file(tiny_run["out"] / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
