@@ -13,14 +13,21 @@ import torch
 from fastapi import APIRouter, HTTPException, Request
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
 
 from api.deps import AuthDep, ServiceDep
 from api.limits import unless_disconnected
-from api.routes import body_with_upload, error_responses, validate_body
+from api.routes import (
+    body_with_upload,
+    content_type,
+    error_responses,
+    is_form,
+    read_form,
+    require_json,
+    validate_body,
+)
 from api.routes.chat import video_error
 from api.routes.images import resolve_indexed_file
-from api.routes.search import _form_image, _form_integer
+from api.routes.search import _form_image
 from api.schemas import CaptionRequest, CaptionResponse
 from api.service import Service, decode_base64_image
 from chat.video import VideoDecodeError, sample_frames
@@ -32,7 +39,6 @@ logger = logging.getLogger(__name__)
 router = APIRouter(tags=["caption"])
 
 # ---------------------------------------------------------------------------------------------- body
-_UPLOAD_MARK = "<multipart upload>"
 _JSON_SCHEMA = CaptionRequest.model_json_schema()
 _KNOBS = ("prompt", "num_beams", "min_new_tokens", "max_new_tokens", "do_sample", "temperature", "top_p",
           "top_k", "seed")  # fmt: skip
@@ -54,45 +60,11 @@ _MULTIPART_SCHEMA = _multipart_schema()
 _OPENAPI_BODY = body_with_upload(_JSON_SCHEMA, _MULTIPART_SCHEMA, "image", "image/*")
 
 
-def _form_value(key: str, value: str) -> Any:
-    """A form field as its JSON type (form fields are text); what does not parse is left for validation."""
-    if value == "null":
-        raise HTTPException(422, f"form field '{key}' must not be null")
-    kind = _MULTIPART_SCHEMA["properties"][key].get("type")
-    if kind == "integer":
-        return _form_integer(value)
-    if kind == "boolean":
-        return {"true": True, "false": False}.get(value.strip().lower(), value)
-    if kind == "number":
-        try:
-            return float(value.strip())
-        except ValueError:
-            return value
-    return value
-
-
 async def _parse(request: Request) -> tuple[CaptionRequest, bytes | None]:
     """The request and the image bytes (None for an ``image_id``)."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        try:
-            form = await request.form(max_files=1, max_fields=len(_MULTIPART_SCHEMA["properties"]))
-        except ValueError as exc:  # python-multipart's parse errors (older Starlette lets them through)
-            raise HTTPException(400, f"malformed multipart body: {exc}") from exc
-        fields: dict[str, Any] = {}
-        raw: bytes | None = None
-        for key, value in form.multi_items():
-            if key in fields:
-                raise HTTPException(422, f"form field '{key}' given more than once")
-            if key not in _MULTIPART_SCHEMA["properties"]:
-                raise HTTPException(422, f"unexpected form field '{key}' (multipart /caption takes an image)")
-            if isinstance(value, UploadFile):
-                if key != "image":
-                    raise HTTPException(422, f"unexpected file field '{key}' (only 'image' is a file)")
-                raw = await value.read()
-                fields[key] = _UPLOAD_MARK
-            else:
-                fields[key] = _form_value(key, value)
+    media = content_type(request)
+    if is_form(media):
+        fields, raw = await read_form(request, _MULTIPART_SCHEMA, "image", "/caption")
         if "image" not in fields:
             raise HTTPException(422, "a multipart /caption request needs an 'image' file")
         req = validate_body(CaptionRequest, fields)
@@ -100,10 +72,7 @@ async def _parse(request: Request) -> tuple[CaptionRequest, bytes | None]:
             assert req.image is not None
             raw = _form_image(req.image)
         return req, raw
-    if content_type and content_type != "application/json" and not content_type.endswith("+json"):
-        raise HTTPException(
-            415, f"unsupported content type '{content_type}': send JSON or multipart/form-data"
-        )
+    require_json(media)
     req = validate_body(CaptionRequest, await request.body())
     return req, decode_base64_image(req.image) if req.image is not None else None
 

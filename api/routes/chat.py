@@ -12,12 +12,19 @@ import torch
 from fastapi import APIRouter, HTTPException, Request
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
 
 from api.deps import AuthDep, ServiceDep
 from api.limits import GatedStreamingResponse, on_thread, unless_disconnected, watching
-from api.routes import body_with_upload, error_responses, validate_body
-from api.routes.search import _form_image, _form_integer, retrieve_images
+from api.routes import (
+    body_with_upload,
+    content_type,
+    error_responses,
+    is_form,
+    read_form,
+    require_json,
+    validate_body,
+)
+from api.routes.search import _form_image, retrieve_images
 from api.schemas import MIN_SAMPLING_TEMPERATURE, ChatRequest, ChatResponse, Source
 from api.service import Service, decode_base64_image
 from chat.video import VideoDecodeError, probe_video, video_prefix
@@ -167,7 +174,6 @@ async def _video(service: Service, req: ChatRequest, raw: bytes | None, request:
 
 
 # ---------------------------------------------------------------------------------------------- body
-_UPLOAD_MARK = "<multipart upload>"
 #: custom string format of multipart video file parts: schemathesis hooks generate real videos for it
 VIDEO_FILE_FORMAT = "video-binary"
 _JSON_SCHEMA = ChatRequest.model_json_schema()
@@ -198,56 +204,18 @@ def _validate(data: dict[str, Any] | bytes) -> ChatRequest:
     return validate_body(ChatRequest, data)
 
 
-def _form_value(key: str, value: str) -> Any:
-    """A form field as its JSON type (form fields are text); what does not parse is left for validation.
-    ``null`` (JSON's null as form serialisations of OpenAPI bodies write it) is refused."""
-    if value == "null":
-        raise HTTPException(422, f"form field '{key}' must not be null")
-    kind = _MULTIPART_SCHEMA["properties"][key].get("type")
-    if kind == "integer":
-        return _form_integer(value)
-    if kind == "boolean":
-        return {"true": True, "false": False}.get(value.strip().lower(), value)
-    if kind == "number":
-        try:
-            return float(value.strip())
-        except ValueError:
-            return value
-    return value
-
-
 async def _parse(request: Request) -> tuple[ChatRequest, bytes | None]:
     """The request (JSON, or multipart with a ``video`` file) and the uploaded video's bytes, if any."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        try:
-            form = await request.form(max_files=1, max_fields=len(_MULTIPART_SCHEMA["properties"]))
-        except ValueError as exc:  # python-multipart's parse errors (older Starlette lets them through)
-            raise HTTPException(400, f"malformed multipart body: {exc}") from exc
-        fields: dict[str, Any] = {}
-        raw: bytes | None = None
-        for key, value in form.multi_items():
-            if key in fields:
-                raise HTTPException(422, f"form field '{key}' given more than once")
-            if key not in _MULTIPART_SCHEMA["properties"]:
-                raise HTTPException(422, f"unexpected form field '{key}' (multipart /chat takes a video)")
-            if isinstance(value, UploadFile):
-                if key != "video":
-                    raise HTTPException(422, f"unexpected file field '{key}' (only 'video' is a file)")
-                raw = await value.read()
-                fields[key] = _UPLOAD_MARK
-            else:
-                fields[key] = _form_value(key, value)
+    media = content_type(request)
+    if is_form(media):
+        fields, raw = await read_form(request, _MULTIPART_SCHEMA, "video", "/chat")
         req = _validate(fields)
         if req.video is None:
             raise HTTPException(422, "a multipart /chat request needs a 'video' file")
         if raw is None:
             raw = _form_image(req.video, "video")
         return req, raw
-    if content_type and content_type != "application/json" and not content_type.endswith("+json"):
-        raise HTTPException(
-            415, f"unsupported content type '{content_type}': send JSON or multipart/form-data"
-        )
+    require_json(media)
     return _validate(await request.body()), None
 
 

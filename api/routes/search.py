@@ -15,7 +15,16 @@ from starlette.datastructures import UploadFile
 
 from api.deps import AuthDep, ServiceDep
 from api.limits import unless_disconnected
-from api.routes import body_with_upload, error_responses, validate_body
+from api.routes import (
+    UPLOAD_MARK,
+    body_with_upload,
+    content_type,
+    error_responses,
+    form_integer,
+    is_form,
+    require_json,
+    validate_body,
+)
 from api.schemas import MAX_ID, SearchRequest, SearchResponse, SearchResult
 from api.service import Service, decode_base64_image
 from index import hybrid
@@ -24,7 +33,6 @@ from retrieval.images import ImageDecodeError, open_image
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["search"])
 
-_UPLOAD_MARK = "<multipart upload>"
 def _inline_defs(schema: dict[str, Any]) -> dict[str, Any]:
     """``schema`` with its ``$defs`` references replaced by the definitions (the OpenAPI body is inlined)."""
     defs = schema.pop("$defs", {})
@@ -68,14 +76,6 @@ def _validate(data: dict[str, Any] | bytes) -> SearchRequest:
     return validate_body(SearchRequest, data)
 
 
-def _form_integer(value: str) -> int | str:
-    """A numeric form field as int (JSON bodies carry numbers; form fields are text)."""
-    try:
-        return int(value.strip())
-    except ValueError:
-        return value  # refused by validation, with the field's name
-
-
 def _form_image(value: str, field_name: str = "image") -> bytes:
     """An ``image`` (or video) form part sent without a filename: base64 text, or the file's bytes themselves.
 
@@ -96,8 +96,8 @@ def _form_image(value: str, field_name: str = "image") -> bytes:
 
 async def _parse(request: Request) -> tuple[SearchRequest, bytes | None]:
     """The request and the raw image bytes (None for text / image_id queries)."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+    media = content_type(request)
+    if is_form(media):
         try:
             form = await request.form(max_files=1, max_fields=8)
         except ValueError as exc:  # python-multipart's parse errors (older Starlette lets them through)
@@ -111,19 +111,16 @@ async def _parse(request: Request) -> tuple[SearchRequest, bytes | None]:
                 if key != "image":
                     raise HTTPException(422, f"unexpected file field '{key}' (only 'image' is a file)")
                 raw = await value.read()
-                fields[key] = _UPLOAD_MARK
+                fields[key] = UPLOAD_MARK
             elif key in ("k", "image_id"):
-                fields[key] = _form_integer(value)
+                fields[key] = form_integer(value)
             else:
                 fields[key] = value
         req = _validate(fields)
         if req.image is not None and raw is None:
             raw = _form_image(req.image)
         return req, raw
-    if content_type and content_type != "application/json" and not content_type.endswith("+json"):
-        raise HTTPException(
-            415, f"unsupported content type '{content_type}': send JSON or multipart/form-data"
-        )
+    require_json(media)
     req = _validate(await request.body())
     return req, decode_base64_image(req.image) if req.image is not None else None
 
