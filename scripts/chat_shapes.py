@@ -279,13 +279,18 @@ def pil_scene(rng: random.Random, items: list[dict], w: int, h: int) -> Image.Im
 # --- samples --------------------------------------------------------------------------------------------
 @dataclass
 class Sample:
-    """One question about ``images``: the prompt text (with ``<image>`` placeholders) and its answer."""
+    """One question about ``images``: the prompt text (with ``<image>`` placeholders) and its answer.
+    ``objects``: the (shape, colour) of each image with a single shape (``None`` for count scenes);
+    ``asked``: the (shape, colour) a yes/no or which-image question names. Both feed the training's
+    grounding loss (``train_demo_chat.py --align``)."""
 
     kind: str
     lang: str
     question: str
     answer: str
     images: list[Image.Image] = field(repr=False)
+    objects: list[tuple[str, str] | None] = field(default_factory=list)
+    asked: tuple[str, str] | None = None
 
 
 def _prefix(n: int, rng: random.Random, grounded_share: float) -> str:
@@ -327,7 +332,8 @@ def make_sample(
         specs = [(shape, colour) if i == target else _distractor(rng, shape, colour) for i in range(n)]
         images = [one(s, c)[0] for s, c in specs]
         q = _prefix(n, rng, 1.0) + question_text(kind, lang, rng, shape, colour)
-        return Sample(kind, lang, q, answer_text(kind, lang, image=target + 1), images)
+        answer = answer_text(kind, lang, image=target + 1)
+        return Sample(kind, lang, q, answer, images, specs, (shape, colour))
     if kind == "count":
         n = rng.randint(1, 4)
         if pil:
@@ -337,25 +343,28 @@ def make_sample(
         else:
             image, _ = count_scene(rng, n)
         q = _prefix(1, rng, grounded_share) + question_text(kind, lang, rng)
-        return Sample(kind, lang, q, answer_text(kind, lang, count=n), [image])
+        return Sample(kind, lang, q, answer_text(kind, lang, count=n), [image], [None])
     if kind == "position":
         region = rng.choice(list(REGIONS))
         image, it = position_scene(rng, region)
         if pil:
             image = pil_scene(rng, [it], *image.size)
         q = _prefix(1, rng, grounded_share) + question_text(kind, lang, rng)
-        return Sample(kind, lang, q, answer_text(kind, lang, region=region), [image])
+        answer = answer_text(kind, lang, region=region)
+        return Sample(kind, lang, q, answer, [image], [(it["shape"], it["colour"])])
     image, spec = one()
+    objects = [(spec["shape"], spec["colour"])]
     if kind == "yesno":
         yes = rng.random() < 0.5
         shape, colour = (
             (spec["shape"], spec["colour"]) if yes else _distractor(rng, spec["shape"], spec["colour"])
         )
         q = _prefix(1, rng, grounded_share) + question_text(kind, lang, rng, shape, colour)
-        return Sample(kind, lang, q, answer_text(kind, lang, yes=yes), [image])
+        return Sample(kind, lang, q, answer_text(kind, lang, yes=yes), [image], objects, (shape, colour))
     named = spec["shape"] if kind == "colour" and rng.random() < 0.35 else ""
     q = _prefix(1, rng, grounded_share) + question_text(kind, lang, rng, named)
-    return Sample(kind, lang, q, answer_text(kind, lang, shape=spec["shape"], colour=spec["colour"]), [image])
+    answer = answer_text(kind, lang, shape=spec["shape"], colour=spec["colour"])
+    return Sample(kind, lang, q, answer, [image], objects)
 
 
 def _rescale(items: list[dict], w: int, h: int) -> list[dict]:

@@ -7,8 +7,11 @@ tower (``retrieval/demo_model``, position embedding resized once from 7x7 to 8x8
 ``mlp1`` projector and a small Qwen2 LLM with tied embeddings, template Hermes-2 and the LLaMA
 sentencepiece tokenizer of ``tests/fixtures/internvl_chat_qwen2_tiny``. Trained as transformers' native
 ``InternVLForConditionalGeneration`` (the class ``load_chat_model`` converts original folders into) with the
-loss on answer tokens only, then written back in the original layout (``chat.convert.original_state_dict``).
-Samples come from ``chat_shapes.py``; everything is a pure function of ``--seed`` and ``--threads``.
+loss on answer tokens plus a grounding loss on an intermediate layer (``training_losses``: what each image
+shows and what the question asks about, named in English words), then written back in the original layout
+(``chat.convert.original_state_dict``). The grounding loss only shapes training; the checkpoint and the
+inference path are those of any InternVL-Chat model. Samples come from ``chat_shapes.py``; everything is a
+pure function of ``--seed`` and ``--threads``.
 """
 
 from __future__ import annotations
@@ -47,8 +50,8 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_m
 SYSTEM_MESSAGE = "You are a helpful assistant that answers questions about coloured shapes."
 IMAGE_SIZE = 64
 TEMPLATE = "Hermes-2"
-#: question kinds drawn with these weights (shape is the slowest to learn)
-DEFAULT_WEIGHTS = "colour=0.8,shape=1.6,colour_shape=0.8,count=1.4,position=1.0,yesno=1.2,which=1.2"
+#: question kinds drawn with these weights (which-image is the slowest to learn, colour the fastest)
+DEFAULT_WEIGHTS = "colour=0.4,shape=1.2,colour_shape=0.4,count=1.4,position=1.2,yesno=1.0,which=3.0"
 
 
 def model_config(
@@ -136,34 +139,68 @@ def normalise(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def _render_chunk(args: tuple[int, int, int, dict]) -> list[tuple]:
-    """Samples ``start..stop`` of ``make_samples(seed)`` as (kind, lang, question, answer, uint8 tiles)."""
+    """Samples ``start..stop`` of ``make_samples(seed)`` as (kind, lang, question, answer, uint8 tiles,
+    objects, asked)."""
     start, stop, seed, weights = args
     out = []
     for i in range(start, stop):
         s = cs.make_samples(1, seed, weights=weights, start=i)[0]
-        out.append((s.kind, s.lang, s.question, s.answer, to_pixels(s.images).numpy()))  # numpy: no fds
+        tiles = to_pixels(s.images).numpy()  # numpy: no file descriptors across processes
+        out.append((s.kind, s.lang, s.question, s.answer, tiles, s.objects, s.asked))
     return out
 
 
 def render_samples(n: int, seed: int, weights: dict, workers: int) -> list[cs.Sample]:
     """``cs.make_samples(n, seed)`` with images already resized to uint8 tiles (in ``workers`` processes;
     the same for any number)."""
+    import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     chunks = [(a, min(n, a + 500), seed, weights) for a in range(0, n, 500)]
     if workers <= 1:
         parts = [_render_chunk(c) for c in chunks]
     else:
-        with ProcessPoolExecutor(workers) as pool:
+        # spawn, not fork: a fork after torch started its OpenMP threads (--threads > 1) can hang the child
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             parts = list(pool.map(_render_chunk, chunks))
-    return [cs.Sample(k, lang, q, a, torch.from_numpy(px)) for part in parts for k, lang, q, a, px in part]
+    return [cs.Sample(k, lang, q, a, torch.from_numpy(px), obj, asked)
+            for part in parts for k, lang, q, a, px, obj, asked in part]  # fmt: skip
+
+
+def grounding_targets(tokenizer) -> tuple[dict[str, int], dict[int, int]]:
+    """Token ids the grounding loss aims at: the first token of each English colour and shape name, and
+    the digit of ``Image-k`` for k = 1..9 (as the answer spells it)."""
+    words = {w: tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in (*cs.COLOURS, *cs.SHAPES)}
+    if len(set(words.values())) != len(words):
+        raise ValueError("colour and shape names share a first token; the grounding loss needs them distinct")
+    digits = {k: tokenizer(f"Image-{k}", add_special_tokens=False)["input_ids"][-1] for k in range(1, 10)}
+    return words, digits
+
+
+def grounding(sample: cs.Sample, ids: list[int], n_prompt: int, end_img: int, words: dict, digits: dict
+              ) -> list[tuple[int, int]]:  # fmt: skip
+    """(position, token) pairs of the grounding loss over prompt + answer ``ids``: at each image's
+    ``</img>`` its shape and colour names (and its number k when the prompt says ``Image-k:``); at every
+    position that predicts an answer token, the shape and colour the question asks about."""
+    numbered = "Image-1: <image>" in sample.question
+    ends = [j for j, t in enumerate(ids[:n_prompt]) if t == end_img]
+    pairs = []
+    for k, (j, obj) in enumerate(zip(ends, sample.objects, strict=False)):
+        if obj is not None:
+            pairs += [(j, words[obj[1]]), (j, words[obj[0]])] + ([(j, digits[k + 1])] if numbered else [])
+    if sample.asked is not None:
+        for j in range(n_prompt - 1, len(ids) - 1):
+            pairs += [(j, words[sample.asked[1]]), (j, words[sample.asked[0]])]
+    return pairs
 
 
 def encode_samples(samples: list, tokenizer, num_image_token: int) -> list[dict]:
-    """Prompt + answer token ids (labels: answer and ``<|im_end|>`` only) and uint8 tiles per sample
-    (``Sample.images``: PIL images, or uint8 tiles from :func:`render_samples`)."""
+    """Prompt + answer token ids (labels: answer and ``<|im_end|>`` only), grounding-loss pairs and uint8
+    tiles per sample (``Sample.images``: PIL images, or uint8 tiles from :func:`render_samples`)."""
     template = get_template(TEMPLATE)
     end = tokenizer.convert_tokens_to_ids(template.stop_token)
+    end_img = tokenizer.convert_tokens_to_ids("</img>")
+    words, digits = grounding_targets(tokenizer)
     out = []
     for s in samples:
         pixels = s.images if isinstance(s.images, torch.Tensor) else to_pixels(s.images)
@@ -171,13 +208,15 @@ def encode_samples(samples: list, tokenizer, num_image_token: int) -> list[dict]
                             num_image_token=num_image_token, system_message=SYSTEM_MESSAGE)  # fmt: skip
         prompt = tokenize_batch(tokenizer, [query])["input_ids"][0].tolist()
         answer = tokenizer(s.answer, add_special_tokens=False)["input_ids"] + [end]
-        out.append({"ids": prompt + answer, "n_prompt": len(prompt), "pixels": pixels,
-                    "kind": s.kind, "lang": s.lang})  # fmt: skip
+        ground = grounding(s, prompt + answer, len(prompt), end_img, words, digits)
+        out.append({"ids": prompt + answer, "n_prompt": len(prompt), "pixels": pixels, "kind": s.kind,
+                    "lang": s.lang, "ground": ground})  # fmt: skip
     return out
 
 
 def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ids, attention mask, next-token targets (-100 outside answers), tiles in order."""
+    """Right-padded ids, attention mask, next-token targets (-100 outside answers), tiles in order, and
+    the grounding pairs as (row, position, token) columns."""
     width = max(len(b["ids"]) for b in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -187,7 +226,10 @@ def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         ids[i, : len(row)], mask[i, : len(row)] = row, 1
         target[i, b["n_prompt"] - 1 : len(row) - 1] = row[b["n_prompt"] :]
     pixels = normalise(torch.cat([b["pixels"] for b in batch]))
-    return {"input_ids": ids, "attention_mask": mask, "target": target, "pixel_values": pixels}
+    ground = [(i, j, t) for i, b in enumerate(batch) for j, t in b.get("ground", [])]
+    ground_t = torch.tensor(ground, dtype=torch.long).reshape(-1, 3)
+    return {"input_ids": ids, "attention_mask": mask, "target": target, "pixel_values": pixels,
+            "ground": ground_t}  # fmt: skip
 
 
 def batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
@@ -204,16 +246,28 @@ def batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[lis
     return out
 
 
-def loss_on_answers(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Cross-entropy of the answer tokens; the 32k-row head runs on those positions only."""
-    hidden = model.model(
+def training_losses(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], align_layer: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(answer loss, grounding loss). Answer loss: cross-entropy of the answer tokens (the 32k-row head
+    runs on those positions only). Grounding loss (``align_layer`` > 0): the output of LLM layer
+    ``align_layer``, through the final norm and the tied head, predicts at each ``</img>`` its image's
+    shape and colour names (and number), and at each answer position what the question asks about:
+    the comparison of yes/no and which-image questions then only has to be learned by the layers above,
+    which otherwise sit on a long plateau at chance."""
+    out = model.model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         pixel_values=batch["pixel_values"],
-    ).last_hidden_state
+        output_hidden_states=align_layer > 0,
+    )
     where = batch["target"] != -100
-    logits = model.lm_head(hidden[where])
-    return F.cross_entropy(logits, batch["target"][where])
+    answer = F.cross_entropy(model.lm_head(out.last_hidden_state[where]), batch["target"][where])
+    ground = batch.get("ground")
+    if align_layer <= 0 or ground is None or not len(ground):
+        return answer, answer.new_zeros(())
+    hidden = model.model.language_model.norm(out.hidden_states[align_layer][ground[:, 0], ground[:, 1]])
+    return answer, F.cross_entropy(model.lm_head(hidden), ground[:, 2])
 
 
 def file_sha256(path: Path) -> str:
@@ -239,8 +293,8 @@ def save(model: torch.nn.Module, config: dict, out: Path, log: dict) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True, help="output model folder")
-    p.add_argument("--samples", type=int, default=24000, help="training samples (rendered once)")
-    p.add_argument("--steps", type=int, default=2500)
+    p.add_argument("--samples", type=int, default=48000, help="training samples (rendered once)")
+    p.add_argument("--steps", type=int, default=5200)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--vision-lr", type=float, default=2e-4, help="learning rate of the pretrained InternViT")
@@ -254,9 +308,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--init-range", type=float, default=0.08,
                    help="LLM initializer_range (about 1/sqrt(width); 0.02 suits wide models)")
     p.add_argument("--proj-init", type=float, default=1.0, help="projector weight std x sqrt(fan_in)")
+    p.add_argument("--align", type=float, default=1.0,
+                   help="weight of the grounding loss (0: answers only); see training_losses")
+    p.add_argument("--align-layer", type=int, default=2,
+                   help="LLM layer whose output the grounding loss reads")  # fmt: skip
     p.add_argument("--weights", default=DEFAULT_WEIGHTS, help="kind=weight sampling weights")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared CPU)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (1 is faster on a busy CPU)")
     p.add_argument("--workers", type=int, default=2, help="rendering processes (same samples for any)")
     p.add_argument("--curriculum", type=int, default=0,
                    help="steps trained on the attribute kinds only before --late-kinds are mixed in")
@@ -272,6 +330,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.align and not 1 <= args.align_layer <= args.layers:
+        raise SystemExit(f"--align-layer must be between 1 and --layers ({args.layers}): {args.align_layer}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # tiny weights / Adam moments: denormal arithmetic is very slow on CPU
@@ -324,15 +384,19 @@ def main(argv: list[str] | None = None) -> dict:
             if not queue:
                 raise ValueError(f"fewer than --batch-size {args.batch_size} samples to draw batches from")
         batch = collate([data[i] for i in queue.pop()], pad_id)
-        loss = loss_on_answers(model, batch)
+        answer_loss, ground_loss = training_losses(model, batch, args.align_layer if args.align else 0)
+        loss = answer_loss + args.align * ground_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        smoothed = loss.item() if smoothed is None else 0.95 * smoothed + 0.05 * loss.item()
+        now = torch.stack([answer_loss.detach(), ground_loss.detach()])
+        smoothed = now if smoothed is None else 0.95 * smoothed + 0.05 * now
         if step % args.log_every == 0 or step == args.steps:
-            history.append({"step": step, "loss": round(smoothed, 4), "s": round(time.time() - t_train, 1)})
-            logger.info("step %d loss %.4f (%.2f s/step)", step, smoothed, (time.time() - t_train) / step)
+            history.append({"step": step, "loss": round(smoothed[0].item(), 4),
+                            "grounding": round(smoothed[1].item(), 4), "s": round(time.time() - t_train, 1)})
+            logger.info("step %d loss %.4f grounding %.4f (%.2f s/step)", step, smoothed[0].item(),
+                        smoothed[1].item(), (time.time() - t_train) / step)  # fmt: skip
         if args.max_minutes and time.time() - start > 60 * args.max_minutes:
             logger.warning("time limit reached at step %d of %d", step, args.steps)
             break

@@ -51,8 +51,8 @@ def demo_url(tmp_path_factory: pytest.TempPathFactory):
     ("哪张图片里有紫色的心形？", "purple_heart"),
 ])  # fmt: skip
 def test_grounded_which_image_cites_the_matching_source(demo_url: str, question: str, name: str) -> None:
-    """The answer names the cited image that matches. (The retriever ranks it first here, and the demo model's
-    which-image skill is near chance on its own, see chat/demo_model/README.md.)"""
+    """The answer names the cited image that matches (the model's own which-image skill is measured in
+    tests/chat/test_demo_chat_model.py, where the match is not the first image)."""
     with httpx.Client(base_url=demo_url, timeout=60) as client:
         r = client.post("/chat", json={"question": question})
     assert r.status_code == 200, r.text

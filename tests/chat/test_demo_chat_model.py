@@ -25,13 +25,11 @@ pytestmark = pytest.mark.skipif(
 )
 MAX_BUNDLE_BYTES = 25 * 2**20
 #: lower bounds per question kind on the small sets below (140 rendered / 70 PIL-drawn questions: 20 / 10 per
-#: kind over the five languages), 10 points under the accuracy measured on them. Yes/no and which-image are
-#: near chance for this model (README: not reached) and get no bound.
-RENDERED_MIN = {"colour": 90.0, "shape": 85.0, "colour_shape": 75.0, "count": 75.0, "position": 50.0}
-PIL_MIN = {"colour": 90.0, "shape": 90.0, "colour_shape": 80.0, "count": 50.0, "position": 70.0}
-NOT_LEARNED = pytest.mark.xfail(
-    reason="yes/no and which-image are near chance for the bundled model (README)"
-)
+#: kind over the five languages), 10 points under the accuracy measured on them (chat/demo_model/README.md).
+RENDERED_MIN = {"colour": 90.0, "shape": 90.0, "colour_shape": 90.0, "count": 70.0, "position": 90.0,
+                "yesno": 80.0, "which": 75.0}  # fmt: skip
+PIL_MIN = {"colour": 90.0, "shape": 80.0, "colour_shape": 70.0, "count": 70.0, "position": 90.0,
+           "yesno": 90.0, "which": 80.0}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +87,7 @@ def test_held_out_pil_drawn_questions(demo) -> None:  # noqa: ANN001
     ("图中的形状是什么颜色？", "circle", "green", "绿色"),
     ("What shape is this?", "heart", "red", "heart"),
     ("这是什么形状？", "triangle", "yellow", "三角形"),
-    pytest.param("Is there a blue star?", "star", "blue", "Yes", marks=NOT_LEARNED),
+    ("Is there a blue star?", "star", "blue", "Yes"),
     ("Is there a blue star?", "star", "red", "No"),
 ])  # fmt: skip
 def test_issue_phrasings(demo, question: str, shape: str, colour: str, expected: str) -> None:  # noqa: ANN001
@@ -99,7 +97,6 @@ def test_issue_phrasings(demo, question: str, shape: str, colour: str, expected:
     assert demo.chat(question, images=[image], max_new_tokens=8) == expected
 
 
-@NOT_LEARNED
 def test_which_image_in_the_official_format(demo) -> None:  # noqa: ANN001
     import random
 

@@ -63,7 +63,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("demo_chat") / "model"
     argv = ["--out", str(out), "--samples", "24", "--steps", "3", "--batch-size", "8", "--warmup", "1",
             "--hidden", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--mlp", "64",
-            "--workers", "1"]  # fmt: skip
+            "--workers", "1", "--align-layer", "1"]  # fmt: skip
     return {"out": out, **tdc.main(argv)}
 
 
@@ -84,7 +84,7 @@ def test_checkpoint_loads_back_as_the_trained_model(tiny_run: dict) -> None:
 
 
 TINY = ["--hidden", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--mlp", "64", "--workers", "1",
-        "--batch-size", "8", "--warmup", "1"]  # fmt: skip
+        "--batch-size", "8", "--warmup", "1", "--align-layer", "1"]  # fmt: skip
 
 
 def test_curriculum_holds_back_the_late_kinds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -109,3 +109,50 @@ def test_init_from_starts_from_the_given_model(tiny_run: dict, tmp_path: Path) -
     a, b = load_file(out / "model.safetensors"), load_file(tiny_run["out"] / "model.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_grounding_pairs_name_each_image_and_the_asked_object() -> None:
+    tokenizer = tdc.load_tokenizer(tdc.TOKENIZER_DIR)
+    words, digits = tdc.grounding_targets(tokenizer)
+    samples = (cs.make_sample("which", "zh", random.Random(i)) for i in range(50))
+    sample = next(s for s in samples if len(s.images) == 3)
+    (row,) = tdc.encode_samples([sample], tokenizer, 16)
+    ids, n_prompt = row["ids"], row["n_prompt"]
+    end_img = tokenizer.convert_tokens_to_ids("</img>")
+    ends = [j for j, t in enumerate(ids) if t == end_img]
+    by_pos: dict[int, set[int]] = {}
+    for j, t in row["ground"]:
+        by_pos.setdefault(j, set()).add(t)
+    for k, (j, (shape, colour)) in enumerate(zip(ends, sample.objects, strict=True)):
+        assert by_pos[j] == {words[shape], words[colour], digits[k + 1]}
+    asked = {words[sample.asked[0]], words[sample.asked[1]]}
+    answer_positions = set(range(n_prompt - 1, len(ids) - 1))
+    assert {j for j in by_pos if j not in ends} == answer_positions
+    assert all(by_pos[j] == asked for j in answer_positions)
+    digit = ids[n_prompt + 2]  # "▁Image", "-", digit
+    assert digit == digits[int(sample.answer.split("-")[1])]
+    assert sample.objects[int(sample.answer.split("-")[1]) - 1] == sample.asked
+
+
+def test_grounding_skips_count_scenes_and_survives_rendering() -> None:
+    weights = {k: float(k in ("count", "yesno")) for k in cs.KINDS}
+    rendered = tdc.render_samples(40, 3, weights, workers=1)
+    direct = cs.make_samples(40, 3, weights=weights)
+    assert [(s.objects, s.asked) for s in rendered] == [(s.objects, s.asked) for s in direct]
+    tokenizer = tdc.load_tokenizer(tdc.TOKENIZER_DIR)
+    rows = tdc.encode_samples(rendered, tokenizer, 16)
+    for s, row in zip(rendered, rows, strict=True):
+        if s.kind == "count":
+            assert s.objects == [None] and s.asked is None and row["ground"] == []
+        else:
+            assert s.asked is not None and len(row["ground"]) >= 4
+
+
+def test_align_zero_trains_on_answers_only(tmp_path: Path) -> None:
+    on = tdc.main(["--out", str(tmp_path / "a"), "--samples", "16", "--steps", "2", *TINY])
+    off = tdc.main(["--out", str(tmp_path / "b"), "--samples", "16", "--steps", "2", "--align", "0", *TINY])
+    assert on["log"]["history"][-1]["grounding"] > 0
+    assert off["log"]["history"][-1]["grounding"] == 0
+    with pytest.raises(SystemExit, match="align-layer"):
+        tdc.main(["--out", str(tmp_path / "c"), "--samples", "8", "--steps", "1", *TINY, "--align-layer", "3"
+                  ])  # fmt: skip
